@@ -1,0 +1,135 @@
+"""Atomic file writes, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+
+import torch
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `path` through a temporary file in the same directory and a rename: never half-written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+LATEST = "latest"  # text file in checkpoints/ naming the newest complete checkpoint, written last
+
+
+def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, state: dict, keep: int = 0) -> str:
+    """Write `checkpoints/step-N/` through a temporary directory and a rename, then point `latest` at it.
+
+    A kill at any moment leaves either the previous `latest` or the new one, each complete.
+    """
+    root = os.path.join(output_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step-{step}")
+    tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step}-")
+    model.save_pretrained(tmp, safe_serialization=True)
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump(state, f, indent=1)
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # a stale copy of the same step (from a run that was resumed earlier)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(os.path.join(root, LATEST), f"step-{step}\n")
+    _prune(root, keep, current=f"step-{step}")
+    return final
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    root = os.path.join(output_dir, "checkpoints")
+    try:
+        with open(os.path.join(root, LATEST)) as f:
+            name = f.read().strip()
+    except FileNotFoundError:
+        return None
+    path = os.path.join(root, name)
+    return path if os.path.isfile(os.path.join(path, "trainer_state.json")) else None
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states; return the trainer state (step, epoch, ...)."""
+    load_weights(model, path)
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+    set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=True))
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def load_weights(model, folder: str) -> None:
+    """Load `save_pretrained` safetensors weights (single file or sharded) into `model`, strictly."""
+    from safetensors.torch import load_file
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(folder, name)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = _tied_names(model)
+    missing = [k for k in missing if k not in tied]
+    assert not missing and not unexpected, f"checkpoint {folder} does not match the model: {missing or unexpected}"
+
+
+def _tied_names(model) -> set[str]:
+    seen, tied = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        ptr = tensor.data_ptr()
+        if ptr in seen:
+            tied.update({name, seen[ptr]})
+        seen[ptr] = name
+    return tied
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _prune(root: str, keep: int, current: str) -> None:
+    if keep <= 0:
+        return
+    steps = sorted((int(n.split("-")[1]), n) for n in os.listdir(root) if n.startswith("step-"))
+    for _, name in steps[:-keep]:
+        if name != current:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _fsync_dir(path: str) -> None:
+    for name in os.listdir(path):
+        with open(os.path.join(path, name), "rb") as f:
+            os.fsync(f.fileno())

@@ -1,0 +1,253 @@
+"""Load preference records from files or Hugging Face data sets, validate them, and make the prompt explicit.
+
+A record leaves this module as a `Record`: `prompt`, `chosen` and `rejected` are either all strings (text form)
+or all lists of `{"role", "content"}` messages (conversational form). Implicit-prompt records (no prompt field)
+get their prompt from the shared beginning of `chosen` and `rejected`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from fastdpo.errors import UserError
+
+Messages = list  # list[dict[str, str]] with keys "role" and "content"
+
+
+@dataclass
+class Record:
+    prompt: str | Messages
+    chosen: str | Messages
+    rejected: str | Messages
+    where: str  # "file.jsonl:12", for messages that point at the source
+
+
+@dataclass
+class Fields:
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+
+@dataclass
+class LoadResult:
+    records: list[Record]
+    skipped: int = 0  # bad records skipped with on_bad_record="skip"
+    skip_reasons: list[str] = field(default_factory=list)  # the first few, for the report
+
+
+class BadRecord(Exception):
+    """One record is unusable; `load_records` turns it into a UserError or a skip."""
+
+
+def load_records(
+    path: str, split: str = "train", fields: Fields | None = None, on_bad_record: str = "error"
+) -> LoadResult:
+    """Read every record of `path` (.jsonl, .json, .parquet, a `save_to_disk` directory or a hub data set name)."""
+    fields = fields or Fields()
+    if on_bad_record not in ("error", "skip"):
+        raise UserError(f"--on_bad_record must be 'error' or 'skip', got {on_bad_record!r}", exit_code=2)
+    result = LoadResult(records=[])
+    for where, raw in _iter_raw(path, split):
+        try:
+            if isinstance(raw, BadRecord):
+                raise raw
+            result.records.append(parse_record(raw, fields, where))
+        except BadRecord as e:
+            if on_bad_record == "error":
+                raise UserError(f"{where}: {e} (use --on_bad_record skip to skip such records)") from None
+            result.skipped += 1
+            if len(result.skip_reasons) < 3:
+                result.skip_reasons.append(f"{where}: {e}")
+    if not result.records:
+        detail = f"; {result.skipped} bad records were skipped" if result.skipped else ""
+        raise UserError(f"{path}: no preference records found{detail}")
+    return result
+
+
+def _iter_raw(path: str, split: str) -> Iterator[tuple[str, Any]]:
+    """Yield (where, raw object or BadRecord) for each record of the source."""
+    if os.path.isdir(path):
+        yield from _iter_datasets_dir(path, split)
+    elif os.path.isfile(path):
+        lower = path.lower()
+        if lower.endswith(".jsonl"):
+            yield from _iter_jsonl(path)
+        elif lower.endswith(".json"):
+            yield from _iter_json(path)
+        elif lower.endswith(".parquet"):
+            yield from _iter_parquet(path)
+        else:
+            raise UserError(f"{path}: unknown data format; use .jsonl, .json, .parquet or a datasets directory")
+    elif path.endswith((".jsonl", ".json", ".parquet")) or path.startswith((".", "/", "~")):
+        raise UserError(f"{path}: no such file or directory")
+    else:
+        yield from _iter_hub(path, split)
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, BadRecord(f"bytes that are not UTF-8 (at byte {e.start} of the line)")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield where, BadRecord(f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def _iter_json(path: str) -> Iterator[tuple[str, Any]]:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: bytes that are not UTF-8 (at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise UserError(f"{path}: a .json data file must hold a list of objects (one per preference pair)")
+    for i, raw in enumerate(data):
+        yield f"{path}: item {i}", raw
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("reading parquet files and Hugging Face data sets needs `pip install fastdpo[datasets]`")
+    return datasets
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[str, Any]]:
+    ds = _datasets().Dataset.from_parquet(path)
+    for i, raw in enumerate(ds):
+        yield f"{path}: row {i}", raw
+
+
+def _iter_datasets_dir(path: str, split: str) -> Iterator[tuple[str, Any]]:
+    datasets = _datasets()
+    try:
+        ds = datasets.load_from_disk(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: a directory, but not one written by datasets' save_to_disk") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"{path}: no split {split!r} (it has {sorted(ds)}); choose one with --data_split")
+        ds = ds[split]
+    for i, raw in enumerate(ds):
+        yield f"{path}[{split}]: row {i}", raw
+
+
+def _iter_hub(name: str, split: str) -> Iterator[tuple[str, Any]]:
+    datasets = _datasets()
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # the hub raises many types: offline, missing, gated
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{name}: not a local file and could not be loaded from the hub ({first})") from None
+    for i, raw in enumerate(ds):
+        yield f"{name}[{split}]: row {i}", raw
+
+
+# --- validation -----------------------------------------------------------------------------------------------
+
+
+def parse_record(raw: Any, fields: Fields, where: str) -> Record:
+    """Validate one raw record and return it with an explicit prompt."""
+    if not isinstance(raw, dict):
+        raise BadRecord(f"expected a JSON object with fields {fields.chosen!r} and {fields.rejected!r}, "
+                        f"got {type(raw).__name__}")
+    chosen = _response(raw, fields.chosen)
+    rejected = _response(raw, fields.rejected)
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise BadRecord(f"field {fields.chosen!r} and field {fields.rejected!r} must both be text or both be "
+                        "lists of messages")
+    prompt = raw.get(fields.prompt)
+    if prompt is None or (isinstance(prompt, str) and not isinstance(chosen, str)):
+        # No prompt, or a text prompt beside whole conversations: the prompt is the shared beginning.
+        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, fields)
+    elif isinstance(prompt, str):
+        pass
+    elif isinstance(prompt, list):
+        _check_messages(prompt, fields.prompt, allow_empty=False)
+        if isinstance(chosen, str):
+            raise BadRecord(f"field {fields.prompt!r} is a list of messages but field {fields.chosen!r} is text")
+    else:
+        raise BadRecord(f"field {fields.prompt!r} must be text or a list of messages, got {type(prompt).__name__}")
+    return Record(prompt=prompt, chosen=chosen, rejected=rejected, where=where)
+
+
+def _response(raw: dict, name: str) -> str | Messages:
+    if name not in raw:
+        raise BadRecord(f"missing field {name!r} (fields present: {sorted(raw)[:8]})")
+    value = raw[name]
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRecord(f"field {name!r} is an empty string")
+        return value
+    if isinstance(value, list):
+        _check_messages(value, name, allow_empty=False)
+        return value
+    raise BadRecord(f"field {name!r} must be text or a list of messages, got {type(value).__name__}")
+
+
+def _check_messages(messages: list, name: str, allow_empty: bool) -> None:
+    if not messages and not allow_empty:
+        raise BadRecord(f"field {name!r} is an empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise BadRecord(f"field {name!r}, message {i}: expected an object with string 'role' and 'content'")
+
+
+def split_implicit_prompt(chosen: str | Messages, rejected: str | Messages, fields: Fields | None = None):
+    """Split whole chosen / rejected texts or conversations into (prompt, chosen, rejected).
+
+    Conversations: the shared leading messages are the prompt. Texts: the shared prefix, cut back to the last
+    whitespace so that no word is split ("The sky is blue" / "The sky is black" -> "The sky is", " blue",
+    " black").
+    """
+    fields = fields or Fields()
+    if isinstance(chosen, list):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            raise BadRecord(f"no prompt field {fields.prompt!r} and {fields.chosen!r} / {fields.rejected!r} share "
+                            "no leading messages to use as the prompt")
+        if n == len(chosen) or n == len(rejected):
+            raise BadRecord(f"field {fields.chosen!r} and field {fields.rejected!r} leave no response after the "
+                            "shared prompt messages")
+        return chosen[:n], chosen[n:], rejected[n:]
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == len(chosen) and n == len(rejected):
+        return chosen, chosen, rejected  # identical: dropped later as degenerate, with a count
+    # Cut back to whitespace unless both continue with whitespace or one ends right here at a word boundary.
+    cut = n
+    if not (_boundary(chosen, n) and _boundary(rejected, n)):
+        cut = _last_space_before(chosen, n)
+    while cut > 0 and cut >= min(len(chosen), len(rejected)):  # each response keeps at least one word
+        cut = _last_space_before(chosen, cut)
+    prompt = chosen[:cut].rstrip()
+    cut = len(prompt)
+    return prompt, chosen[cut:], rejected[cut:]
+
+
+def _boundary(text: str, i: int) -> bool:
+    return i == len(text) or text[i].isspace()
+
+
+def _last_space_before(text: str, i: int) -> int:
+    return max(0, max(text.rfind(c, 0, i) for c in " \t\n\r"))

@@ -1,0 +1,317 @@
+"""`fastdpo train`: one explicit training loop on accelerate."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fastdpo.batching import batch_order, collate_concatenated
+from fastdpo.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from fastdpo.config import Config
+from fastdpo.data import Fields
+from fastdpo.errors import UserError
+from fastdpo.evaluate import Scorer, evaluate_pairs, loss_kwargs, precision_name
+from fastdpo.logps import split_pairs
+from fastdpo.losses import pair_metrics, preference_loss
+from fastdpo.metrics import MetricsFile, NoMetricsFile, ProgressBar, mean_metrics
+from fastdpo.models import load_model, load_tokenizer, resolve_data
+from fastdpo.tokenize import load_pairs
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    steps: int
+    eval_before: dict | None
+    eval_after: dict | None
+    last_metrics: dict | None
+
+
+def train(cfg: Config, quickstart: bool = False) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=precision_name(cfg))
+    main = accelerator.is_main_process
+    resume_from = check_output_dir(cfg)
+    set_seed(cfg.seed)
+    log = (lambda text: print(text, file=sys.stderr)) if main else (lambda text: None)
+    if main:
+        print(cfg.to_yaml().rstrip(), file=sys.stderr)
+
+    # --- setup: data, models, optimizer (nothing is written before this all succeeds) ---------------------------
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    fields = Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
+    pairs, stats = load_pairs(resolve_data(cfg.data), cfg.data_split, tokenizer, fields=fields,
+                              max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                              on_bad_record=cfg.on_bad_record)
+    log(stats.summary("train data"))
+    eval_pairs = None
+    if cfg.eval_data:
+        eval_pairs, eval_stats = load_pairs(resolve_data(cfg.eval_data), cfg.eval_data_split, tokenizer,
+                                            fields=fields, max_length=cfg.max_length,
+                                            max_prompt_length=cfg.max_prompt_length,
+                                            on_bad_record=cfg.on_bad_record, name="eval data")
+        log(eval_stats.summary("eval data"))
+    device = accelerator.device
+    pad = tokenizer.pad_token_id
+    policy = load_model(cfg.model, cfg.seed, cfg.trust_remote_code)
+    disable_dropout(policy)
+    reference = build_reference(cfg, policy)
+    sample = collate_concatenated(pairs[:2], pad).to(device)
+    policy.to(device)
+    policy_scorer = Scorer(policy, sample)
+    ref_scorer = Scorer(reference.to(device), sample) if reference is not None else None
+    if not policy_scorer.fast:
+        log("fastdpo: this model's logits are not a plain lm_head; scoring through its full logits")
+
+    world = accelerator.num_processes
+    if cfg.batch_size % world:
+        raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} processes", exit_code=2)
+    micro = cfg.micro_batch_size or cfg.batch_size // world
+    steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    policy_scorer.model = model
+
+    start_step = 0
+    if resume_from:
+        state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        start_step = state["step"]
+        log(f"fastdpo: resumed from {resume_from} at step {start_step}")
+    elif main:
+        prepare_fresh_output_dir(cfg)
+    if main:
+        atomic_write_text(os.path.join(cfg.output_dir, "config.yaml"), cfg.to_yaml())
+    metrics_file = MetricsFile(os.path.join(cfg.output_dir, "metrics.jsonl"),
+                               resume_step=start_step if resume_from else None) if main else NoMetricsFile()
+
+    def evaluate(step: int) -> dict | None:
+        if not eval_pairs:
+            return None
+        model.eval()
+        metrics, _ = evaluate_pairs(policy_scorer, ref_scorer, eval_pairs, cfg, cfg.eval_batch_size or micro,
+                                    pad, device, accelerator.autocast)
+        model.train()
+        metrics_file.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        return metrics
+
+    eval_before = evaluate(start_step) if start_step == 0 else None
+    if eval_before:
+        log(f"eval before training: reward accuracy {eval_before['rewards/accuracies']:.3f}, "
+            f"margin {eval_before['rewards/margins']:.4f}, loss {eval_before['loss']:.4f}")
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    model.train()
+    bar = ProgressBar(total_steps, initial=start_step, enabled=cfg.progress and main)
+    window, window_start, last = [], time.perf_counter(), None
+    for step in range(start_step, total_steps):
+        epoch, index = divmod(step, steps_per_epoch)
+        positions = batch_order(len(pairs), cfg.batch_size, cfg.shuffle, cfg.seed, epoch)[index]
+        local = positions[accelerator.process_index :: world]  # this process's shard of the global batch
+        scale = world / len(positions)  # sum of per-pair losses / global pairs, after DDP's mean over processes
+        parts, tokens = [], 0
+        micro_batches = [local[i : i + micro] for i in range(0, len(local), micro)]
+        for k, chunk in enumerate(micro_batches):
+            batch = collate_concatenated([pairs[i] for i in chunk], pad).to(device)
+            sync = accelerator.no_sync(model) if k < len(micro_batches) - 1 else _null()
+            with sync, accelerator.autocast():
+                logps, counts = policy_scorer(batch)  # (2b,), (2b,)
+                with torch.no_grad():
+                    ref_logps = ref_scorer(batch)[0] if ref_scorer else torch.zeros_like(logps)
+                pc, pr = split_pairs(logps)
+                rc, rr = split_pairs(ref_logps)
+                ct, rt = split_pairs(counts)
+                losses, chosen_rewards, rejected_rewards = preference_loss(
+                    cfg.loss, pc, pr, rc, rr, chosen_tokens=ct, rejected_tokens=rt, **loss_kwargs(cfg))
+                accelerator.backward(losses.sum() * scale)
+            parts.append(pair_metrics(losses, chosen_rewards, rejected_rewards, pc, pr, ct, rt))
+            tokens += int(batch.attention_mask.sum())
+        grad_norm = clip_and_norm(accelerator, model, cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        metrics = gather_means(accelerator, parts)
+        window.append((metrics, grad_norm, tokens * world, len(positions)))
+        elapsed = time.perf_counter() - window_start
+        metrics["pairs_per_second"] = sum(w[3] for w in window) / max(elapsed, 1e-9)
+        bar.update(metrics)
+        done = step + 1
+        if done % cfg.logging_steps == 0 or done == total_steps:
+            last = log_window(metrics_file, window, elapsed, done, epoch + (index + 1) / steps_per_epoch, lr)
+            window, window_start = [], time.perf_counter()
+        if cfg.eval_steps and done % cfg.eval_steps == 0 and done != total_steps:
+            result = evaluate(done)
+            if result:
+                bar.write(f"step {done}: eval reward accuracy {result['rewards/accuracies']:.3f}, "
+                          f"margin {result['rewards/margins']:.4f}, loss {result['loss']:.4f}")
+        if cfg.save_steps and done % cfg.save_steps == 0 and done != total_steps and main:
+            save_checkpoint(cfg.output_dir, done, accelerator.unwrap_model(model), optimizer, scheduler,
+                            {"step": done, "epoch": epoch, "batch_in_epoch": index + 1,
+                             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps},
+                            keep=cfg.save_total_limit)
+        accelerator.wait_for_everyone()
+    bar.close()
+
+    eval_after = evaluate(total_steps)
+    if main:
+        save_final(cfg, accelerator.unwrap_model(model), tokenizer, total_steps, eval_before, eval_after)
+        print_summary(cfg, eval_before, eval_after, quickstart)
+    accelerator.wait_for_everyone()
+    return TrainResult(cfg.output_dir, total_steps, eval_before, eval_after, last)
+
+
+# --- helpers of the loop ------------------------------------------------------------------------------------------
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def disable_dropout(model) -> None:
+    """DPO compares log-probs of the policy and the reference: dropout noise would bias both (TRL does the same)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def build_reference(cfg: Config, policy):
+    """The frozen reference: an in-memory copy of the starting policy, a separate model, or none."""
+    if cfg.reference == "none":
+        return None
+    if cfg.reference == "model":
+        reference = load_model(cfg.ref_model, cfg.seed, cfg.trust_remote_code, flag="ref_model")
+    else:
+        reference = copy.deepcopy(policy)
+    disable_dropout(reference)
+    reference.eval().requires_grad_(False)
+    return reference
+
+
+def lr_lambda(cfg: Config, total_steps: int):
+    """Linear warm-up over `warmup_steps`, then constant, linear or cosine decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def clip_and_norm(accelerator, model, max_grad_norm: float) -> float:
+    """Clip the global gradient norm (when max_grad_norm > 0) and return the norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_grad_norm > 0:
+        return float(accelerator.clip_grad_norm_(params, max_grad_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+
+
+def gather_means(accelerator, parts: list[dict]) -> dict:
+    """Means over every pair of the global batch (all micro-batches, all processes)."""
+    local = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    if accelerator.num_processes == 1:
+        return mean_metrics([local])
+    gathered = {key: accelerator.gather_for_metrics(value.to(accelerator.device)) for key, value in local.items()}
+    return mean_metrics([gathered])
+
+
+def log_window(metrics_file, window, elapsed: float, step: int, epoch: float, lr: float) -> dict:
+    pairs = sum(w[3] for w in window)
+    record = {"step": step, "epoch": round(epoch, 4), "learning_rate": lr}
+    for key in window[-1][0]:
+        if key != "pairs_per_second":
+            record[key] = sum(w[0][key] * w[3] for w in window) / pairs
+    record["grad_norm"] = sum(w[1] for w in window) / len(window)
+    record["pairs_per_second"] = pairs / max(elapsed, 1e-9)
+    record["tokens_per_second"] = sum(w[2] for w in window) / max(elapsed, 1e-9)
+    metrics_file.write(record)
+    return record
+
+
+# --- the output directory -----------------------------------------------------------------------------------------
+
+
+def check_output_dir(cfg: Config) -> str | None:
+    """Refuse a non-empty output_dir unless --overwrite or --resume; return the checkpoint to resume from."""
+    out = cfg.output_dir
+    exists = os.path.isdir(out) and any(os.scandir(out))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_dir: {out} exists and is not a directory", exit_code=2)
+    if cfg.resume:
+        path = latest_checkpoint(out)
+        if path is None:
+            raise UserError(f"--resume: no checkpoint in {out}/checkpoints to resume from (write them with "
+                            "--save_steps N)", exit_code=2)
+        return path
+    if exists and not cfg.overwrite:
+        raise UserError(f"--output_dir: {out} is not empty; pass --overwrite to replace it or --resume to "
+                        "continue its latest checkpoint", exit_code=2)
+    return None
+
+
+def prepare_fresh_output_dir(cfg: Config) -> None:
+    """With --overwrite, the old contents go only now: after the data, models and config all loaded."""
+    out = cfg.output_dir
+    if os.path.isdir(out) and cfg.overwrite:
+        for entry in os.scandir(out):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+    os.makedirs(out, exist_ok=True)
+
+
+def save_final(cfg: Config, model, tokenizer, steps: int, eval_before, eval_after) -> None:
+    """The final model and tokenizer (Hugging Face format, safetensors) plus the run's results."""
+    import tempfile
+
+    tmp = tempfile.mkdtemp(dir=cfg.output_dir, prefix=".tmp-final-")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(cfg.output_dir, name))
+    os.rmdir(tmp)
+    results = {"steps": steps, "eval_before": eval_before, "eval_after": eval_after}
+    atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(results, indent=1) + "\n")
+
+
+def print_summary(cfg: Config, before: dict | None, after: dict | None, quickstart: bool) -> None:
+    lines = ["", "fastdpo: training finished"]
+    if before and after:
+        lines.append(f"  held-out reward accuracy: {before['rewards/accuracies']:.3f} -> "
+                     f"{after['rewards/accuracies']:.3f}   (share of pairs with chosen reward > rejected)")
+        lines.append(f"  held-out reward margin:   {before['rewards/margins']:.4f} -> "
+                     f"{after['rewards/margins']:.4f}")
+        lines.append(f"  held-out loss:            {before['loss']:.4f} -> {after['loss']:.4f}")
+    elif after:
+        lines.append(f"  held-out reward accuracy {after['rewards/accuracies']:.3f}, "
+                     f"margin {after['rewards/margins']:.4f}")
+    lines.append(f"  model saved to: {os.path.abspath(cfg.output_dir)}  "
+                 "(AutoModelForCausalLM.from_pretrained loads it)")
+    if quickstart:
+        lines.append("  next: fastdpo train --model YOUR_MODEL_DIR --data YOUR_PAIRS.jsonl --output_dir OUT")
+    print("\n".join(lines))
