@@ -82,3 +82,26 @@ def run_cli(argv, capsys, expect_code: int = 0) -> str:
     assert exit_info.value.code == expect_code, (exit_info.value.code, out, err)
     run_cli.last_stderr = err
     return out
+
+
+def make_model_dir(path, seed: int = 0, hidden: int = 32):
+    """A tiny random Llama with the built-in tokenizer, saved in Hugging Face format."""
+    from fastdpo.models import load_tokenizer
+
+    tok = load_tokenizer("builtin:tiny")
+    tiny_llama(len(tok), seed=seed, hidden=hidden).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def example_rows(n: int, split: str = "train") -> list[dict]:
+    from fastdpo.models import asset_path
+
+    with open(asset_path(f"example/{split}.jsonl")) as f:
+        return [json.loads(line) for line in f][:n]
+
+
+def load_state(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))

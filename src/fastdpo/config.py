@@ -62,7 +62,7 @@ class Config:
     precision: str = _f("fp32", "fp32, bf16 or fp16 (mixed precision via autocast)")
     # --- outputs ------------------------------------------------------------------------------------------------
     output_dir: str = _f("fastdpo-output", "where the model, config, metrics and checkpoints go")
-    overwrite: bool = _f(False, "allow a non-empty output_dir (its old contents are replaced at the end)")
+    overwrite: bool = _f(False, "allow a non-empty output_dir (its old contents go once data and models have loaded)")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
     save_steps: int = _f(0, "write a checkpoint every N optimizer steps (0: never mid-run)")
     save_total_limit: int = _f(2, "keep at most this many checkpoints (0: keep all)")

@@ -1,0 +1,189 @@
+"""`fastdpo train`: accumulation, frozen reference, exact resume, outputs, and the DPO closed form."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from fastdpo.config import build_config
+from fastdpo.errors import UserError
+from fastdpo.train import train
+
+from conftest import example_rows, load_state, make_model_dir, run_cli, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model = make_model_dir(root / "model", seed=3)
+    data = write_jsonl(root / "pairs.jsonl", example_rows(24))
+    return root, model, data
+
+
+def run(base, out, *flags):
+    root, model, data = base
+    cfg = build_config(["--model", model, "--data", data, "--output_dir", str(out), "--learning_rate", "1e-3",
+                        "--max_steps", "3", "--batch_size", "8", "--progress", "false", "--lr_scheduler", "linear",
+                        "--warmup_steps", "1", *flags])
+    return train(cfg)
+
+
+def assert_same_weights(a, b, atol=0.0):
+    sa, sb = load_state(a), load_state(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], atol=atol, rtol=0, msg=key)
+
+
+def test_grad_accumulation_8x1_equals_1x8(base, tmp_path):
+    run(base, tmp_path / "a", "--micro_batch_size", "8")
+    run(base, tmp_path / "b", "--micro_batch_size", "1")
+    assert_same_weights(tmp_path / "a", tmp_path / "b", atol=2e-6)
+
+
+def test_reference_copy_is_frozen_and_policy_moves(base, tmp_path, monkeypatch):
+    import fastdpo.train as train_module
+
+    captured = {}
+    original = train_module.build_reference
+
+    def capture(cfg, policy):
+        captured["ref"] = original(cfg, policy)
+        captured["start"] = {k: v.clone() for k, v in policy.state_dict().items()}
+        return captured["ref"]
+
+    monkeypatch.setattr(train_module, "build_reference", capture)
+    run(base, tmp_path / "out")
+    for key, value in captured["ref"].state_dict().items():
+        assert torch.equal(value, captured["start"][key]), key
+    trained = load_state(tmp_path / "out")
+    assert any(not torch.equal(trained[k], captured["start"][k]) for k in trained)
+
+
+def test_resume_equals_an_uninterrupted_run(base, tmp_path, monkeypatch):
+    import fastdpo.train as train_module
+
+    run(base, tmp_path / "full", "--max_steps", "6", "--save_steps", "2")
+    original = train_module.save_checkpoint
+
+    def save_then_die(output_dir, step, *args, **kwargs):
+        original(output_dir, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt  # the run stops right after its step-4 checkpoint
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(base, tmp_path / "cut", "--max_steps", "6", "--save_steps", "2")
+    monkeypatch.setattr(train_module, "save_checkpoint", original)
+    assert not os.path.exists(tmp_path / "cut" / "model.safetensors")
+    result = run(base, tmp_path / "cut", "--max_steps", "6", "--save_steps", "2", "--resume")
+    assert result.steps == 6
+    assert_same_weights(tmp_path / "full", tmp_path / "cut")
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+
+def test_outputs_load_with_plain_transformers_and_config_is_saved(base, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run(base, tmp_path / "out", "--logging_steps", "1")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert sum(p.numel() for p in model.parameters()) > 0
+    saved = build_config(["--config", str(tmp_path / "out" / "config.yaml")])
+    assert saved.max_steps == 3 and saved.learning_rate == 1e-3
+    lines = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    train_lines = [line for line in lines if "loss" in line]
+    assert [line["step"] for line in train_lines] == [1, 2, 3]
+    for key in ("epoch", "learning_rate", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm", "pairs_per_second",
+                "tokens_per_second"):
+        assert key in train_lines[0], key
+    assert train_lines[0]["learning_rate"] == pytest.approx(1e-3 / 2)  # warm-up step 1 of 1
+
+
+def test_non_empty_output_dir_is_refused_and_left_alone(base, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(UserError, match="is not empty"):
+        run(base, out)
+    assert (out / "precious.txt").read_text() == "keep me" and len(os.listdir(out)) == 1
+
+
+def test_failed_run_with_overwrite_leaves_old_files(base, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    root, model, _ = base
+    with pytest.raises(UserError):
+        train(build_config(["--model", model, "--data", str(tmp_path / "missing.jsonl"), "--output_dir", str(out),
+                            "--overwrite", "--progress", "false"]))
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_lr_schedules():
+    from fastdpo.train import lr_lambda
+
+    cfg = build_config(["--warmup_steps", "2", "--lr_scheduler", "cosine"])
+    f = lr_lambda(cfg, total_steps=10)
+    assert [round(f(s), 4) for s in (0, 1, 2, 6, 10)] == [round(1 / 3, 4), round(2 / 3, 4), 1.0, 0.5, 0.0]
+    cfg = build_config(["--lr_scheduler", "linear"])
+    assert lr_lambda(cfg, 4)(2) == 0.5
+    cfg = build_config(["--lr_scheduler", "constant"])
+    assert lr_lambda(cfg, 4)(3) == 1.0
+
+
+def test_closed_form_optimum(tmp_path, capsys):
+    """DPO's optimum on the candidates is π_ref(y|x)·exp(r(x,y)/β)/Z(x) (Eq 4 of arXiv:2305.18290).
+
+    Pairs come from a Bradley-Terry reward over three one-word answers per prompt: each ordered pair (y_i, y_j)
+    appears in proportion to σ(r_i - r_j). After training, the policy restricted to the candidates must match the
+    closed form within total variation 0.02.
+    """
+    from fastdpo.batching import collate_concatenated
+    from fastdpo.logps import sequence_logps
+    from fastdpo.models import load_tokenizer
+    from fastdpo.tokenize import TokenizedPair, encode_record
+    from fastdpo.data import Record
+
+    from transformers import AutoModelForCausalLM
+
+    beta = 0.5
+    prompts = ["Question: Pick a colour.\nAnswer:", "Question: Pick an animal.\nAnswer:"]
+    candidates = [[" water", " help", " time"], [" cat", " dog", " good"]]  # one token each
+    rewards = [[0.0, 0.4, 0.8], [0.6, 0.0, 0.3]]
+    rows = []
+    for prompt, cands, r in zip(prompts, candidates, rewards):
+        for i in range(3):
+            for j in range(3):
+                if i != j:
+                    count = round(40 * torch.sigmoid(torch.tensor(r[i] - r[j])).item())
+                    rows += [{"prompt": prompt, "chosen": cands[i], "rejected": cands[j]}] * count
+    data = write_jsonl(tmp_path / "bt.jsonl", rows)
+    model_dir = make_model_dir(tmp_path / "ref", seed=5)
+    out = tmp_path / "out"
+    run_cli(["train", "--model", model_dir, "--data", data, "--output_dir", str(out), "--beta", str(beta),
+             "--batch_size", str(len(rows)), "--max_steps", "150", "--learning_rate", "0.01", "--lr_scheduler",
+             "constant", "--max_grad_norm", "0", "--progress", "false"], capsys)
+
+    tok = load_tokenizer(model_dir)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(out)
+    for prompt, cands, r in zip(prompts, candidates, rewards):
+        encoded = [encode_record(Record(prompt, c, c, "t"), tok) for c in cands]
+        pairs = [TokenizedPair(p, c, c, 0) for p, c, _, _ in encoded]
+        batch = collate_concatenated(pairs, tok.pad_token_id)
+        with torch.no_grad():
+            ref_logps = sequence_logps(ref, batch)[0][: len(cands)]
+            pol_logps = sequence_logps(policy, batch)[0][: len(cands)]
+        target = torch.softmax(ref_logps + torch.tensor(r) / beta, 0)
+        trained = torch.softmax(pol_logps, 0)
+        tv = 0.5 * (target - trained).abs().sum().item()
+        start = 0.5 * (target - torch.softmax(ref_logps, 0)).abs().sum().item()
+        assert tv < 0.02, (tv, target, trained)
+        assert start > 0.1  # the check is not trivially met by the reference itself
+        implied = beta * (pol_logps - ref_logps)  # the implicit reward recovers r up to a constant
+        torch.testing.assert_close(implied - implied.mean(), torch.tensor(r) - sum(r) / 3, atol=0.05, rtol=0)
