@@ -2,8 +2,12 @@
 
 import torch
 
-from fastdpo.batching import collate_concatenated
-from fastdpo.logps import head_path_is_exact, sequence_logps, split_pairs
+import itertools
+
+import pytest
+
+from fastdpo.batching import collate_concatenated, collate_packed
+from fastdpo.logps import Scorer, sequence_logps, split_pairs
 from fastdpo.tokenize import TokenizedPair
 
 from conftest import tiny_llama
@@ -59,19 +63,85 @@ def test_padding_and_batch_mates_do_not_change_a_pairs_logps():
     torch.testing.assert_close(rejected, torch.stack([a[1] for a in alone]), atol=1e-5, rtol=0)
 
 
-def test_response_only_head_equals_full_logits_in_value_and_gradient():
+LAYOUTS = [(share, pack, head) for share, pack in itertools.product((False, True), repeat=2)
+           for head in ("full", "chunked")]
+
+
+def collate(pairs, share, pack, row_length=0):
+    if share or pack:
+        return collate_packed(pairs, 2, share_prompt=share, pack=pack, row_length=row_length)
+    return collate_concatenated(pairs, 2)
+
+
+@pytest.mark.parametrize("share, pack, head", LAYOUTS)
+def test_every_fast_path_equals_the_plain_path_in_value_and_gradient(share, pack, head):
+    """Prefix sharing, packing and the chunked response-only head, in every combination, against the
+    concatenated layout through the model's full logits: the same log-probs (1e-5) and the same gradients."""
     model = tiny_llama(40)
-    batch = collate_concatenated(PAIRS, 2)
-    assert head_path_is_exact(model, batch)
-    grads = []
-    for fast in (True, False):
+    weights = torch.arange(1.0, 7.0)  # a loss that weighs each sequence differently
+
+    def run(batch, head, chunk):
         model.zero_grad()
-        logps, _ = sequence_logps(model, batch, head_only_responses=fast)
-        (logps * torch.arange(1.0, 7.0)).sum().backward()
-        grads.append((logps.detach(), [p.grad.clone() for p in model.parameters()]))
-    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=0)
-    for a, b in zip(grads[0][1], grads[1][1]):
+        logps, counts = sequence_logps(model, batch, head, chunk_size=chunk)
+        (logps * weights).sum().backward()
+        return logps.detach(), counts, [p.grad.clone() for p in model.parameters()]
+
+    plain = run(collate_concatenated(PAIRS, 2), "full", 1024)
+    fast = run(collate(PAIRS, share, pack, row_length=24), head, 5)  # chunks of 5 split sequences
+    torch.testing.assert_close(fast[0], plain[0], atol=1e-5, rtol=0)
+    assert fast[1].tolist() == plain[1].tolist() == [2, 6, 2, 4, 2, 3]
+    for a, b in zip(fast[2], plain[2]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_packing_fills_rows_and_removes_padding():
+    batch = collate_packed(PAIRS, 2, share_prompt=False, pack=True, row_length=16)
+    plain = collate_concatenated(PAIRS, 2)
+    assert batch.input_ids.shape[0] < plain.input_ids.shape[0]
+    assert batch.padding_share < plain.padding_share
+
+
+def test_prefix_shared_segment_mask_and_positions():
+    """[prompt 0 7 | chosen 10 1 | rejected 11 1]: the rejected tokens see the prompt and themselves, not the
+    chosen tokens; their positions restart after the prompt; the first rejected token is scored from the last
+    prompt token (column 1)."""
+    batch = collate_packed([TokenizedPair([0, 7], [10, 1], [11, 1], index=0)], 2, share_prompt=True, pack=False)
+    assert batch.input_ids.tolist() == [[0, 7, 10, 1, 11, 1]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 2, 3]]
+    assert batch.attention_mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],
+        [1, 1, 0, 0, 1, 1]]
+    assert batch.score_cols.tolist() == [1, 2, 1, 4]
+    assert batch.score_labels.tolist() == [10, 1, 11, 1]
+    assert batch.score_seq.tolist() == [0, 0, 1, 1]
+
+
+def test_scorer_falls_back_where_the_model_cannot_take_the_mask(monkeypatch):
+    import fastdpo.logps as logps_module
+
+    model = tiny_llama(40)
+    scorer = Scorer(model, 2).check(PAIRS, "cpu", notice=lambda text: None)
+    assert scorer.layout == (True, True, "chunked")
+    original = logps_module.attention_mask_for
+    # a model that ignores 4-D masks (attends causally over the whole row)
+    monkeypatch.setattr(logps_module, "attention_mask_for",
+                        lambda model, batch: None if batch.attention_mask.dim() == 4 else original(model, batch))
+    notices = []
+    scorer = Scorer(model, 2).check(PAIRS, "cpu", notice=notices.append)
+    assert scorer.layout == (False, False, "chunked") and "concatenated layout" in notices[0]
+
+
+def test_eager_attention_gets_an_additive_mask():
+    model = tiny_llama(40)
+    with torch.no_grad():
+        sdpa, _ = sequence_logps(model, collate(PAIRS, True, True))
+        model.config._attn_implementation = "eager"
+        eager, _ = sequence_logps(model, collate(PAIRS, True, True))
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=0)
 
 
 def test_prompt_and_padding_tokens_are_masked():
@@ -79,8 +149,10 @@ def test_prompt_and_padding_tokens_are_masked():
     assert batch.input_ids.tolist() == [
         [0, 7, 8, 9, 10, 1, 2, 2], [0, 20, 21, 22, 23, 24, 25, 1],
         [0, 7, 8, 9, 11, 12, 13, 1], [0, 20, 26, 1, 2, 2, 2, 2]]
-    assert batch.response_mask.tolist() == [
-        [0, 0, 0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1],
-        [0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 0, 0]]
     assert batch.attention_mask.tolist() == [
         [1, 1, 1, 1, 1, 1, 0, 0], [1] * 8, [1] * 8, [1, 1, 1, 1, 0, 0, 0, 0]]
+    # each response token is scored from the position before it, in its own row
+    assert batch.score_rows.tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3]
+    assert batch.score_cols.tolist() == [3, 4, 1, 2, 3, 4, 5, 6, 3, 4, 5, 6, 1, 2]
+    assert batch.score_labels.tolist() == [10, 1, 21, 22, 23, 24, 25, 1, 11, 12, 13, 1, 26, 1]
+    assert batch.score_seq.tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3]

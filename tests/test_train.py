@@ -56,14 +56,15 @@ def test_reference_copy_is_frozen_and_policy_moves(base, tmp_path, monkeypatch):
     captured = {}
     original = train_module.build_reference
 
-    def capture(cfg, policy):
-        captured["ref"] = original(cfg, policy)
+    def capture(cfg, policy, *args):
+        captured["ref"] = original(cfg, policy, *args)
         captured["start"] = {k: v.clone() for k, v in policy.state_dict().items()}
         return captured["ref"]
 
     monkeypatch.setattr(train_module, "build_reference", capture)
     run(base, tmp_path / "out")
-    for key, value in captured["ref"].state_dict().items():
+    assert captured["ref"].model is not None
+    for key, value in captured["ref"].model.state_dict().items():
         assert torch.equal(value, captured["start"][key]), key
     trained = load_state(tmp_path / "out")
     assert any(not torch.equal(trained[k], captured["start"][k]) for k in trained)

@@ -1,8 +1,19 @@
-"""Tokenized pairs -> model-ready batches.
+"""Tokenized pairs -> model-ready batches, in one of three layouts that give the same log-probs.
 
-The plain layout is the concatenated one: the chosen sequences of a micro-batch, then the rejected ones, each
-`prompt + response`, right-padded to the longest, so one forward pass scores both (rows `[0, B)` chosen, rows
-`[B, 2B)` rejected).
+Every layout lists the *scored tokens* explicitly: for each response token, the row and column whose hidden state
+predicts it (`score_rows`, `score_cols`), the token (`score_labels`) and the sequence it belongs to (`score_seq`:
+`b` for pair b's chosen response, `B + b` for its rejected one). The log-prob code then never needs to know the
+layout.
+
+- concatenated (the plain path): rows `[prompt | chosen]` for every pair, then `[prompt | rejected]`,
+  right-padded, with a 2-D padding mask.
+- prefix-shared: one segment per pair, `[prompt | chosen | rejected]`; the rejected tokens do not see the chosen
+  ones, and their positions restart right after the prompt, so the prompt is computed once. Exact DPO.
+- packed: several segments per row, each attending only to itself (block-diagonal), with positions restarting
+  per segment. Rows are no longer than the longest segment of the batch (or `row_length`), so a row never pays a
+  dense attention mask much larger than one long pair's.
+
+Prefix-shared and packed segments use a 4-D boolean mask `(R, 1, L, L)`, True where attention is allowed.
 """
 
 from __future__ import annotations
@@ -17,38 +28,172 @@ from fastdpo.tokenize import TokenizedPair
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # (2B, T)
-    attention_mask: torch.Tensor  # (2B, T) 1 on real tokens
-    response_mask: torch.Tensor  # (2B, T) 1 on response tokens: the ones whose log-prob is summed
+    input_ids: torch.Tensor  # (R, L)
+    attention_mask: torch.Tensor  # (R, L) padding mask, or (R, 1, L, L) bool for shared / packed layouts
+    position_ids: torch.Tensor | None  # (R, L), None for the concatenated layout
+    score_rows: torch.Tensor  # (M,) row of the hidden state that predicts each response token
+    score_cols: torch.Tensor  # (M,) its column
+    score_labels: torch.Tensor  # (M,) the response token
+    score_seq: torch.Tensor  # (M,) sequence index in [0, 2B): chosen of pair b -> b, rejected -> B + b
     indices: list[int]  # record index of each pair, (B,)
+    reference_logps: torch.Tensor | None = None  # (2B,) precomputed reference log-probs, if any
 
     @property
     def num_pairs(self) -> int:
         return len(self.indices)
 
+    @property
+    def padding_share(self) -> float:
+        """Share of the (R, L) token slots that are padding."""
+        real = int(self.position_ids.ge(0).sum()) if self.position_ids is not None else int(
+            self.attention_mask.sum())
+        return 1.0 - real / self.input_ids.numel()
+
     def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
-                     self.indices)
+        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
+                     move(self.score_rows), move(self.score_cols), move(self.score_labels), move(self.score_seq),
+                     self.indices, move(self.reference_logps))
+
+
+def _reference(pairs: list[TokenizedPair]) -> torch.Tensor | None:
+    if any(p.reference_logps is None for p in pairs):
+        return None
+    chosen = [p.reference_logps[0] for p in pairs]
+    rejected = [p.reference_logps[1] for p in pairs]
+    return torch.tensor(chosen + rejected, dtype=torch.float32)  # (2B,)
 
 
 def collate_concatenated(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
     """Stack `[prompt | chosen]` rows then `[prompt | rejected]` rows, right-padded with `pad_token_id`."""
+    B = len(pairs)
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     width = max(len(prompt) + len(response) for prompt, response in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (2B, T)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (2B, T)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (2B, T)
+    input_ids = torch.full((2 * B, width), pad_token_id, dtype=torch.long)  # (2B, T)
+    attention_mask = torch.zeros((2 * B, width), dtype=torch.long)  # (2B, T)
+    score = ([], [], [], [])
     for i, (prompt, response) in enumerate(rows):
         n, m = len(prompt), len(response)
         input_ids[i, : n + m] = torch.tensor(prompt + response, dtype=torch.long)
         attention_mask[i, : n + m] = 1
-        response_mask[i, n : n + m] = 1
-    return Batch(input_ids, attention_mask, response_mask, [p.index for p in pairs])
+        _add_scores(score, row=i, cols=range(n - 1, n + m - 1), labels=response, seq=i)
+    return Batch(input_ids, attention_mask, None, *_score_tensors(score), [p.index for p in pairs],
+                 _reference(pairs))
 
 
-def batch_order(num_pairs: int, batch_size: int, shuffle: bool, seed: int, epoch: int = 0) -> list[list[int]]:
-    """Split pair positions into batches of `batch_size` (the last one may be short); shuffled per epoch."""
+def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, share_prompt: bool = True,
+                   pack: bool = True, row_length: int = 0) -> Batch:
+    """Prefix-shared and/or packed layout (see the module docstring).
+
+    `share_prompt`: one `[prompt | chosen | rejected]` segment per pair (else two segments, `[prompt | chosen]`
+    and `[prompt | rejected]`). `pack`: first-fit several segments into a row of at most
+    `max(row_length, longest segment)` tokens (else one segment per row).
+    """
+    B = len(pairs)
+    segments = []  # (ids, positions, (n, n) mask, (cols, labels, seqs)) per segment
+    for b, p in enumerate(pairs):
+        if share_prompt:
+            segments.append(_shared_segment(p, b, B))
+        else:
+            segments.append(_plain_segment(p.prompt_ids, p.chosen_ids, seq=b))
+            segments.append(_plain_segment(p.prompt_ids, p.rejected_ids, seq=B + b))
+    width = max(row_length, max(len(s[0]) for s in segments))
+    rows = _first_fit([len(s[0]) for s in segments], width) if pack else [[i] for i in range(len(segments))]
+    width = max(sum(len(segments[i][0]) for i in row) for row in rows)
+    R = len(rows)
+    input_ids = torch.full((R, width), pad_token_id, dtype=torch.long)  # (R, L)
+    position_ids = torch.full((R, width), -1, dtype=torch.long)  # (R, L), -1 marks padding until the end
+    mask = torch.zeros((R, 1, width, width), dtype=torch.bool)  # (R, 1, L, L)
+    score = ([], [], [], [])
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            ids, positions, seg_mask, (cols, labels, seqs) = segments[i]
+            n = len(ids)
+            input_ids[r, offset : offset + n] = torch.tensor(ids, dtype=torch.long)
+            position_ids[r, offset : offset + n] = torch.tensor(positions, dtype=torch.long)
+            mask[r, 0, offset : offset + n, offset : offset + n] = seg_mask
+            score[0].extend([r] * len(cols))
+            score[1].extend(c + offset for c in cols)
+            score[2].extend(labels)
+            score[3].extend(seqs)
+            offset += n
+        pad = torch.arange(offset, width)
+        mask[r, 0, pad, pad] = True  # padding attends to itself only: no all-masked rows (NaN in softmax)
+    return Batch(input_ids, mask, position_ids, *_score_tensors(score), [p.index for p in pairs],
+                 _reference(pairs))
+
+
+def model_position_ids(batch: Batch) -> torch.Tensor | None:
+    """Position ids for the model: padding slots (-1) get 0; they are masked and never scored."""
+    return batch.position_ids.clamp(min=0) if batch.position_ids is not None else None
+
+
+def _plain_segment(prompt: list[int], response: list[int], seq: int):
+    ids = prompt + response
+    n = len(ids)
+    mask = torch.ones(n, n, dtype=torch.bool).tril()  # causal
+    cols = list(range(len(prompt) - 1, n - 1))
+    return ids, list(range(n)), mask, (cols, response, [seq] * len(response))
+
+
+def _shared_segment(p: TokenizedPair, b: int, B: int):
+    """`[prompt | chosen | rejected]`: rejected sees the prompt and itself, not the chosen tokens."""
+    n, c, r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+    ids = p.prompt_ids + p.chosen_ids + p.rejected_ids
+    positions = list(range(n + c)) + list(range(n, n + r))
+    mask = torch.ones(n + c + r, n + c + r, dtype=torch.bool).tril()
+    mask[n + c :, n : n + c] = False  # hide chosen from rejected
+    chosen_cols = list(range(n - 1, n + c - 1))
+    rejected_cols = [n - 1] + list(range(n + c, n + c + r - 1))  # first rejected token: from the last prompt token
+    cols = chosen_cols + rejected_cols
+    labels = p.chosen_ids + p.rejected_ids
+    seqs = [b] * c + [B + b] * r
+    return ids, positions, mask, (cols, labels, seqs)
+
+
+def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    rows, room = [], []
+    for i, n in enumerate(lengths):
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - n)
+    return rows
+
+
+def _add_scores(score, row: int, cols, labels, seq: int) -> None:
+    cols = list(cols)
+    score[0].extend([row] * len(cols))
+    score[1].extend(cols)
+    score[2].extend(labels)
+    score[3].extend([seq] * len(cols))
+
+
+def _score_tensors(score) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.tensor(values, dtype=torch.long) for values in score)
+
+
+def batch_order(num_pairs: int, batch_size: int, shuffle: bool, seed: int, epoch: int = 0,
+                lengths: list[int] | None = None) -> list[list[int]]:
+    """Split pair positions into batches of `batch_size` (the last one may be short); shuffled per epoch.
+
+    With `lengths` (length grouping), the shuffled order is cut into groups of 64 batches, each group sorted by
+    length before it is cut into batches, and the batches are shuffled again: batches hold pairs of similar length.
+    """
     order = list(range(num_pairs))
+    rng = random.Random(seed * 1_000_003 + epoch)
     if shuffle:
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, num_pairs, batch_size)]
+        rng.shuffle(order)
+    if lengths is not None:
+        group = 64 * batch_size
+        order = [i for s in range(0, num_pairs, group)
+                 for i in sorted(order[s : s + group], key=lambda i: lengths[i])]
+    batches = [order[i : i + batch_size] for i in range(0, num_pairs, batch_size)]
+    if lengths is not None and shuffle:
+        rng.shuffle(batches)
+    return batches

@@ -17,7 +17,8 @@ commands:
 
 EVAL_KEYS = ("model", "ref_model", "data", "data_split", "prompt_field", "chosen_field", "rejected_field",
              "on_bad_record", "max_length", "max_prompt_length", "loss", "beta", "label_smoothing", "simpo_gamma",
-             "discopop_tau", "rpo_alpha", "batch_size", "precision", "seed", "trust_remote_code")
+             "discopop_tau", "rpo_alpha", "batch_size", "precision", "seed", "trust_remote_code", "prefix_sharing",
+             "packing", "pack_length", "logits_chunk_size")
 
 
 def main(argv: list[str] | None = None) -> None:

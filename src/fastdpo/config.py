@@ -23,7 +23,10 @@ class Config:
     # --- models -------------------------------------------------------------------------------------------------
     model: str = _f("builtin:tiny", "policy to train: a local model directory, a hub id, or builtin:tiny")
     ref_model: typing.Optional[str] = _f(None, "reference model directory (implies --reference model)")
-    reference: str = _f("copy", "copy: frozen in-memory copy of the starting policy; model: --ref_model")
+    reference: str = _f("copy", "copy: frozen in-memory copy of the starting policy; model: --ref_model; "
+                                "precomputed: log-probs computed once, cached, model freed; none: reference-free")
+    ref_cache_dir: str = _f("", "cache of precomputed reference log-probs ('': ~/.cache/fastdpo/reference; "
+                                "off: no cache)")
     trust_remote_code: bool = _f(False, "allow model code from the model directory / hub (off: safe default)")
     # --- data ---------------------------------------------------------------------------------------------------
     data: str = _f("builtin:example", ".jsonl, .json, .parquet, a save_to_disk directory or a hub data set")
@@ -69,6 +72,13 @@ class Config:
     eval_steps: int = _f(0, "evaluate on eval_data every N steps (0: only before and after training)")
     logging_steps: int = _f(10, "write a metrics.jsonl line every N optimizer steps")
     progress: bool = _f(True, "show a progress bar")
+    # --- speed and memory (each is exact: the same log-probs as the plain path) --------------------------------
+    prefix_sharing: bool = _f(True, "one [prompt|chosen|rejected] sequence per pair: the prompt computed once")
+    packing: bool = _f(True, "pack several pairs into one row (block-diagonal attention), no padding")
+    pack_length: int = _f(0, "tokens per packed row (0: the longest pair of the micro-batch)")
+    group_by_length: bool = _f(False, "batch pairs of similar length together (less padding when not packing)")
+    logits_chunk_size: int = _f(1024, "response positions per lm_head chunk (0: the model's full logits)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, ~30% more time")
 
     def __post_init__(self):
         self.validate()
@@ -91,7 +101,7 @@ class Config:
             bad("discopop_tau", f"must be > 0, got {self.discopop_tau}")
         if self.ref_model and self.reference == "copy":
             self.reference = "model"
-        choices = {"reference": ("copy", "model", "none"), "lr_scheduler": ("constant", "linear", "cosine"),
+        choices = {"reference": ("copy", "model", "none", "precomputed"), "lr_scheduler": ("constant", "linear", "cosine"),
                    "precision": ("fp32", "bf16", "fp16"), "on_bad_record": ("error", "skip")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -105,7 +115,7 @@ class Config:
             if getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("micro_batch_size", "eval_batch_size", "max_steps", "warmup_steps", "save_steps",
-                    "eval_steps", "save_total_limit"):
+                    "eval_steps", "save_total_limit", "pack_length", "logits_chunk_size"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
         if self.logging_steps < 1:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
-from fastdpo.batching import collate_concatenated
 from fastdpo.config import Config
-from fastdpo.logps import head_path_is_exact, sequence_logps, split_pairs
+from fastdpo.logps import Scorer, split_pairs
 from fastdpo.losses import pair_metrics, preference_loss
 from fastdpo.tokenize import TokenizedPair
 
@@ -19,33 +19,66 @@ def loss_kwargs(cfg: Config) -> dict:
                 discopop_tau=cfg.discopop_tau, rpo_alpha=cfg.rpo_alpha)
 
 
-class Scorer:
-    """Sequence log-probs of one model, through the response-only lm_head path when it is exact for the model."""
+def precision_name(cfg: Config) -> str:
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
 
-    def __init__(self, model, sample_batch=None):
-        self.model = model
-        self.fast = sample_batch is None or head_path_is_exact(model, sample_batch)
 
-    def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return sequence_logps(self.model, batch, head_only_responses=self.fast)
+def make_accelerator(cfg: Config):
+    """An Accelerator with the config's mixed precision. accelerate keeps one process-wide state; a library user
+    who calls `train` twice with different precisions gets its precision part reset (the process group stays)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        return Accelerator(mixed_precision=precision_name(cfg))
+    except ValueError:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        return Accelerator(mixed_precision=precision_name(cfg))
+
+
+def make_scorer(model, cfg: Config, pad_token_id: int, sample: list[TokenizedPair], device, log=None) -> Scorer:
+    """A scorer with the config's layout, checked against the plain path on `sample` (falls back if not exact)."""
+    scorer = Scorer(model, pad_token_id, share_prompt=cfg.prefix_sharing, pack=cfg.packing,
+                    head="chunked" if cfg.logits_chunk_size else "full", chunk_size=cfg.logits_chunk_size or 1,
+                    row_length=cfg.pack_length)
+    return scorer.check(sample, device, notice=log or (lambda text: print(text, file=sys.stderr)))
+
+
+def check_sample(pairs: list[TokenizedPair]) -> list[TokenizedPair]:
+    """Two pairs of different lengths (padding and packing both exercised), for the exactness checks."""
+    if len(pairs) < 2:
+        return pairs[:1]
+    by_length = sorted(pairs[:64], key=lambda p: len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids))
+    return [by_length[0], by_length[-1]]
+
+
+def reference_logps(reference: Scorer | None, policy: Scorer, batch, pairs, device, like: torch.Tensor):
+    """(2B,) reference log-probs: precomputed, from the reference model, or zeros (reference-free)."""
+    if batch.reference_logps is not None:
+        return batch.reference_logps
+    if reference is None:
+        return torch.zeros_like(like)
+    with torch.no_grad():
+        ref_batch = batch if reference.layout == policy.layout else reference.collate(pairs).to(device)
+        return reference(ref_batch)[0]
 
 
 @torch.no_grad()
 def evaluate_pairs(policy: Scorer, reference: Scorer | None, pairs: list[TokenizedPair], cfg: Config,
-                   batch_size: int, pad_token_id: int, device, autocast=contextlib.nullcontext
-                   ) -> tuple[dict, list[dict]]:
+                   batch_size: int, device, autocast=contextlib.nullcontext) -> tuple[dict, list[dict]]:
     """Means of the per-pair metrics over all pairs, and one row per pair. Batches are taken in data order.
 
     `autocast` is a factory of the mixed-precision context (`accelerator.autocast`)."""
     values: dict[str, list[torch.Tensor]] = {}
     rows = []
     for start in range(0, len(pairs), batch_size):
-        batch = collate_concatenated(pairs[start : start + batch_size], pad_token_id).to(device)
+        chunk = pairs[start : start + batch_size]
+        batch = policy.collate(chunk).to(device)
         with autocast():
             logps, tokens = policy(batch)  # (2B,), (2B,)
-            ref_logps = reference(batch)[0] if reference is not None else torch.zeros_like(logps)
+            ref_logps = reference_logps(reference, policy, batch, chunk, device, logps)
         pc, pr = split_pairs(logps)
-        rc, rr = split_pairs(ref_logps)
+        rc, rr = split_pairs(ref_logps.to(logps.device))
         ct, rt = split_pairs(tokens)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             cfg.loss, pc, pr, rc, rr, chosen_tokens=ct, rejected_tokens=rt, **loss_kwargs(cfg))
@@ -64,32 +97,26 @@ def evaluate_pairs(policy: Scorer, reference: Scorer | None, pairs: list[Tokeniz
     return metrics, rows
 
 
-def precision_name(cfg: Config) -> str:
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
-
-
 def run_eval(cfg: Config) -> tuple[dict, list[dict]]:
     """The `eval` command: load the policy, the reference and the data; score every pair."""
-    import sys
-
-    from accelerate import Accelerator
-
     from fastdpo.data import Fields
     from fastdpo.models import load_model, load_tokenizer, resolve_data
     from fastdpo.tokenize import load_pairs
 
-    accelerator = Accelerator(mixed_precision=precision_name(cfg))
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     pairs, stats = load_pairs(
         resolve_data(cfg.data), cfg.data_split, tokenizer,
         fields=Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
         max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, on_bad_record=cfg.on_bad_record)
     print(stats.summary(), file=sys.stderr)
-    sample = collate_concatenated(pairs[: min(2, len(pairs))], tokenizer.pad_token_id).to(accelerator.device)
-    policy = load_model(cfg.model, cfg.seed, cfg.trust_remote_code).to(accelerator.device)
+    sample = check_sample(pairs)
+    pad = tokenizer.pad_token_id
+    policy = make_scorer(load_model(cfg.model, cfg.seed, cfg.trust_remote_code).to(device), cfg, pad, sample,
+                         device)
     reference = None
     if cfg.reference != "none" and cfg.ref_model:
-        ref_model = load_model(cfg.ref_model, cfg.seed, cfg.trust_remote_code, flag="ref_model")
-        reference = Scorer(ref_model.to(accelerator.device), sample)
-    return evaluate_pairs(Scorer(policy, sample), reference, pairs, cfg, cfg.batch_size,
-                          tokenizer.pad_token_id, accelerator.device, accelerator.autocast)
+        ref_model = load_model(cfg.ref_model, cfg.seed, cfg.trust_remote_code, flag="ref_model").to(device)
+        reference = make_scorer(ref_model, cfg, pad, sample, device)
+    return evaluate_pairs(policy, reference, pairs, cfg, cfg.batch_size, device, accelerator.autocast)

@@ -1,40 +1,51 @@
 """Model + batch -> per-sequence log-probabilities of the response tokens.
 
-`logps[i] = sum_t mask[i, t+1] * log p(x[i, t+1] | x[i, :t+1])`: position t predicts token t+1, so the first
-response token is scored from the last prompt position and neither prompt nor padding tokens count.
-The log-softmax always runs in float32, whatever the model's precision.
+`logps[s] = sum over the scored tokens k of sequence s of log p(label_k | hidden[row_k, col_k])`: each response
+token is scored from the hidden state that precedes it in its own sequence (see batching.py), so neither prompt
+nor padding tokens count. The log-softmax always runs in float32, whatever the model's precision.
+
+Two ways to get there, equal to float rounding:
+- `head="full"`: the model's own logits `(R, L, V)`, gathered at the scored positions (the plain path);
+- `head="chunked"`: the transformer body only, then the lm_head, log-softmax and gather at the scored positions,
+  `chunk_size` rows at a time, inside a custom autograd function that recomputes each chunk's logits in backward.
+  The `(R, L, V)` logits are never built and memory is O(chunk_size x V).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastdpo.batching import Batch
+from fastdpo.batching import Batch, model_position_ids
 
 
-def sequence_logps(model, batch: Batch, head_only_responses: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs and response token counts per row. Shape: (2B,), (2B,).
-
-    With `head_only_responses` the lm_head runs on response positions only (the (2B, T, V) logits are never
-    built); otherwise the model's full logits are used. Both give the same numbers; `head_path_is_exact`
-    checks that for a given model before the fast path is trusted.
-    """
-    labels = batch.input_ids[:, 1:]  # (2B, T-1)
-    mask = batch.response_mask[:, 1:].bool()  # (2B, T-1)
-    if head_only_responses:
-        hidden = backbone(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 use_cache=False).last_hidden_state  # (2B, T, H)
-        rows, cols = mask.nonzero(as_tuple=True)  # (M,), (M,) response positions
-        logits = model.get_output_embeddings()(hidden[rows, cols])  # (M, V)
-        token_logps = _gather_logps(logits, labels[rows, cols])  # (M,)
-        logps = torch.zeros(mask.shape[0], dtype=torch.float32, device=logits.device)
-        logps = logps.index_add(0, rows, token_logps)  # (2B,)
+def sequence_logps(model, batch: Batch, head: str = "chunked", chunk_size: int = 1024
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and response token counts per sequence. Shape: (2B,), (2B,)."""
+    num_seqs = 2 * batch.num_pairs
+    mask = attention_mask_for(model, batch)
+    if head == "full":
+        logits = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=model_position_ids(batch),
+                       use_cache=False).logits  # (R, L, V)
+        token_logps = _gather_logps(logits[batch.score_rows, batch.score_cols], batch.score_labels)  # (M,)
     else:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       use_cache=False).logits[:, :-1]  # (2B, T-1, V)
-        token_logps = _gather_logps(logits, labels)  # (2B, T-1)
-        logps = (token_logps * mask).sum(-1)  # (2B,)
-    return logps, mask.sum(-1)
+        hidden = backbone(model)(input_ids=batch.input_ids, attention_mask=mask,
+                                 position_ids=model_position_ids(batch), use_cache=False).last_hidden_state
+        hidden = hidden[batch.score_rows, batch.score_cols]  # (M, H)
+        token_logps = head_logps(model.get_output_embeddings(), hidden, batch.score_labels, chunk_size)  # (M,)
+    logps = torch.zeros(num_seqs, dtype=torch.float32, device=token_logps.device)
+    logps = logps.index_add(0, batch.score_seq, token_logps)  # (2B,)
+    counts = torch.bincount(batch.score_seq, minlength=num_seqs)  # (2B,)
+    return logps, counts
+
+
+def attention_mask_for(model, batch: Batch) -> torch.Tensor:
+    """A 4-D boolean mask as the model's attention implementation wants it: SDPA and flex take booleans
+    (True = attend); eager adds the mask to the scores, so it gets 0 / -inf."""
+    mask = batch.attention_mask
+    if mask.dim() == 4 and getattr(model.config, "_attn_implementation", "sdpa") == "eager":
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+            ~mask, torch.finfo(torch.float32).min)
+    return mask
 
 
 def _gather_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -47,19 +58,62 @@ def backbone(model):
     return getattr(model, model.base_model_prefix)
 
 
-@torch.no_grad()
-def head_path_is_exact(model, batch: Batch, atol: float = 1e-4) -> bool:
-    """True when the response-only lm_head path reproduces the model's own logits on `batch`.
+def head_logps(head, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """log softmax(head(hidden))[labels] per row, chunked. Shape: (M, H), (M,) -> (M,)."""
+    if type(head) is torch.nn.Linear:
+        return ChunkedHeadLogps.apply(hidden, head.weight, head.bias, labels, chunk_size)
+    return _gather_logps(head(hidden), labels)  # a wrapped head (e.g. LoRA on lm_head): not chunked
 
-    Models that scale or soft-cap their logits after the lm_head (Gemma 2, Cohere, Granite, ...) fail this check
-    and are scored through their full logits instead.
+
+class ChunkedHeadLogps(torch.autograd.Function):
+    """`log_softmax(hidden @ W.T + b)[label]` computed `chunk` rows at a time; backward recomputes each chunk.
+
+    d logp / d logits = onehot(label) - softmax(logits), so each chunk's gradient needs only its own logits.
+    Matmuls run in the autocast dtype when autocast is on (as nn.Linear would); softmax is float32.
     """
-    try:
-        fast, _ = sequence_logps(model, batch, head_only_responses=True)
-    except (AttributeError, TypeError):
-        return False
-    plain, _ = sequence_logps(model, batch, head_only_responses=False)
-    return bool(torch.allclose(fast, plain, atol=atol, rtol=1e-5))
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (M,)
+        with torch.autocast(device, enabled=False):
+            for s in range(0, hidden.shape[0], chunk):
+                logits = _logits(hidden[s : s + chunk], weight, bias, dtype)  # (c, V) float32
+                out[s : s + chunk] = _gather_logps(logits, labels[s : s + chunk])
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        dtype, device = ctx.dtype, hidden.device.type
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None \
+            else None
+        with torch.autocast(device, enabled=False):
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                h = hidden[s : s + ctx.chunk]
+                probs = torch.softmax(_logits(h, weight, bias, dtype), dim=-1)  # (c, V) float32
+                grad_logits = -probs  # d logp/d logits = onehot - softmax
+                grad_logits.scatter_add_(-1, labels[s : s + ctx.chunk, None], torch.ones_like(probs[:, :1]))
+                grad_logits *= grad_out[s : s + ctx.chunk, None]
+                g = grad_logits.to(dtype)
+                grad_hidden[s : s + ctx.chunk] = (g @ weight.to(dtype)).to(hidden.dtype)  # (c, H)
+                grad_weight += (g.t() @ h.to(dtype)).float()  # (V, H)
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0)
+        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None
+
+
+def _logits(hidden, weight, bias, dtype) -> torch.Tensor:
+    logits = hidden.to(dtype) @ weight.to(dtype).t()  # (c, V)
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return logits.float()
 
 
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,3 +121,62 @@ def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     half = values.shape[0] // 2
     return values[:half], values[half:]
 
+
+# --- choosing the fastest exact path for a model -------------------------------------------------------------------
+
+
+class Scorer:
+    """Sequence log-probs of one model in the fastest layout and head path that are exact for it.
+
+    `check()` compares the requested layout (prefix-shared / packed, chunked head) with the plain path (the
+    concatenated layout through the model's full logits) on a few pairs, and falls back, with a one-line notice,
+    where they differ: models whose attention cannot take a 4-D mask (FlashAttention-2), or that scale or cap their
+    logits after the lm_head (Gemma 2, Cohere, Granite ...).
+    """
+
+    def __init__(self, model, pad_token_id: int, share_prompt: bool = True, pack: bool = True,
+                 head: str = "chunked", chunk_size: int = 1024, row_length: int = 0):
+        self.model, self.pad_token_id = model, pad_token_id
+        self.share_prompt, self.pack, self.head = share_prompt, pack, head
+        self.chunk_size, self.row_length = chunk_size, row_length
+
+    @property
+    def layout(self) -> tuple:
+        return self.share_prompt, self.pack, self.head
+
+    def collate(self, pairs) -> Batch:
+        from fastdpo.batching import collate_concatenated, collate_packed
+
+        if self.share_prompt or self.pack:
+            return collate_packed(pairs, self.pad_token_id, self.share_prompt, self.pack, self.row_length)
+        return collate_concatenated(pairs, self.pad_token_id)
+
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return sequence_logps(self.model, batch, self.head, self.chunk_size)
+
+    @torch.no_grad()
+    def check(self, pairs, device, notice=print) -> "Scorer":
+        from fastdpo.batching import collate_concatenated
+
+        plain, _ = sequence_logps(self.model, collate_concatenated(pairs, self.pad_token_id).to(device), "full")
+        if self.head == "chunked" and not self._agrees(plain, pairs, device, share=False, pack=False):
+            notice("fastdpo: this model's logits are not a plain lm_head; scoring through its full logits")
+            self.head = "full"
+        if self.share_prompt or self.pack:
+            impl = getattr(self.model.config, "_attn_implementation", "sdpa")
+            if impl.startswith("flash") or not self._agrees(plain, pairs, device, self.share_prompt, self.pack):
+                notice(f"fastdpo: attention '{impl}' cannot take a 4-D mask here; prefix sharing and packing are "
+                       "off, using the concatenated layout")
+                self.share_prompt = self.pack = False
+        return self
+
+    def _agrees(self, plain, pairs, device, share: bool, pack: bool) -> bool:
+        saved = self.share_prompt, self.pack
+        self.share_prompt, self.pack = share, pack
+        try:
+            logps, _ = self(self.collate(pairs).to(device))
+        except (RuntimeError, ValueError, TypeError, AttributeError):
+            return False
+        finally:
+            self.share_prompt, self.pack = saved
+        return bool(torch.allclose(logps, plain, rtol=1e-4, atol=1e-3))

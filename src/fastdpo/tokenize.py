@@ -27,6 +27,7 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     index: int  # position of the record in the loaded data, kept through drops for per-pair outputs
+    reference_logps: tuple[float, float] | None = None  # precomputed (chosen, rejected) reference log-probs
 
 
 @dataclass

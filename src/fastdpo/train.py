@@ -13,16 +13,18 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdpo.batching import batch_order, collate_concatenated
+from fastdpo.batching import batch_order
 from fastdpo.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastdpo.config import Config
 from fastdpo.data import Fields
 from fastdpo.errors import UserError
-from fastdpo.evaluate import Scorer, evaluate_pairs, loss_kwargs, precision_name
-from fastdpo.logps import split_pairs
+from fastdpo.evaluate import (check_sample, evaluate_pairs, loss_kwargs, make_accelerator, make_scorer,
+                              reference_logps)
+from fastdpo.logps import Scorer, split_pairs
 from fastdpo.losses import pair_metrics, preference_loss
 from fastdpo.metrics import MetricsFile, NoMetricsFile, ProgressBar, mean_metrics
 from fastdpo.models import load_model, load_tokenizer, resolve_data
+from fastdpo.reference import default_cache_dir, precompute_reference
 from fastdpo.tokenize import load_pairs
 
 
@@ -36,10 +38,9 @@ class TrainResult:
 
 
 def train(cfg: Config, quickstart: bool = False) -> TrainResult:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=precision_name(cfg))
+    accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     resume_from = check_output_dir(cfg)
     set_seed(cfg.seed)
@@ -65,13 +66,18 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
     pad = tokenizer.pad_token_id
     policy = load_model(cfg.model, cfg.seed, cfg.trust_remote_code)
     disable_dropout(policy)
-    reference = build_reference(cfg, policy)
-    sample = collate_concatenated(pairs[:2], pad).to(device)
     policy.to(device)
-    policy_scorer = Scorer(policy, sample)
-    ref_scorer = Scorer(reference.to(device), sample) if reference is not None else None
-    if not policy_scorer.fast:
-        log("fastdpo: this model's logits are not a plain lm_head; scoring through its full logits")
+    sample = check_sample(pairs)
+    policy_scorer = make_scorer(policy, cfg, pad, sample, device, log)
+    ref_scorer = build_reference(cfg, policy, pad, sample, device, log)
+    if cfg.reference == "precomputed":
+        # With --resume the policy has not moved yet here: its weights are still the starting point.
+        sets = {"train": pairs, **({"eval": eval_pairs} if eval_pairs else {})}
+        precompute_reference(ref_scorer, sets, cfg.eval_batch_size or cfg.micro_batch_size or cfg.batch_size,
+                             device, accelerator.autocast, cfg.precision, reference_cache_dir(cfg), log)
+        ref_scorer = None  # the separate reference model, if any, is freed with it
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     world = accelerator.num_processes
     if cfg.batch_size % world:
@@ -103,7 +109,7 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
             return None
         model.eval()
         metrics, _ = evaluate_pairs(policy_scorer, ref_scorer, eval_pairs, cfg, cfg.eval_batch_size or micro,
-                                    pad, device, accelerator.autocast)
+                                    device, accelerator.autocast)
         model.train()
         metrics_file.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         return metrics
@@ -117,28 +123,34 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
     model.train()
     bar = ProgressBar(total_steps, initial=start_step, enabled=cfg.progress and main)
     window, window_start, last = [], time.perf_counter(), None
+    orders = {}
+    lengths = [2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs] \
+        if cfg.group_by_length else None
     for step in range(start_step, total_steps):
         epoch, index = divmod(step, steps_per_epoch)
-        positions = batch_order(len(pairs), cfg.batch_size, cfg.shuffle, cfg.seed, epoch)[index]
+        if epoch not in orders:  # the data order is a function of (seed, epoch): resume needs only the step
+            orders = {epoch: batch_order(len(pairs), cfg.batch_size, cfg.shuffle, cfg.seed, epoch, lengths)}
+        positions = orders[epoch][index]
         local = positions[accelerator.process_index :: world]  # this process's shard of the global batch
         scale = world / len(positions)  # sum of per-pair losses / global pairs, after DDP's mean over processes
-        parts, tokens = [], 0
+        parts, tokens, padding = [], 0, []
         micro_batches = [local[i : i + micro] for i in range(0, len(local), micro)]
         for k, chunk in enumerate(micro_batches):
-            batch = collate_concatenated([pairs[i] for i in chunk], pad).to(device)
+            chunk_pairs = [pairs[i] for i in chunk]
+            batch = policy_scorer.collate(chunk_pairs).to(device)
             sync = accelerator.no_sync(model) if k < len(micro_batches) - 1 else _null()
             with sync, accelerator.autocast():
                 logps, counts = policy_scorer(batch)  # (2b,), (2b,)
-                with torch.no_grad():
-                    ref_logps = ref_scorer(batch)[0] if ref_scorer else torch.zeros_like(logps)
+                ref_logps = reference_logps(ref_scorer, policy_scorer, batch, chunk_pairs, device, logps)
                 pc, pr = split_pairs(logps)
-                rc, rr = split_pairs(ref_logps)
+                rc, rr = split_pairs(ref_logps.to(logps.device))
                 ct, rt = split_pairs(counts)
                 losses, chosen_rewards, rejected_rewards = preference_loss(
                     cfg.loss, pc, pr, rc, rr, chosen_tokens=ct, rejected_tokens=rt, **loss_kwargs(cfg))
                 accelerator.backward(losses.sum() * scale)
             parts.append(pair_metrics(losses, chosen_rewards, rejected_rewards, pc, pr, ct, rt))
-            tokens += int(batch.attention_mask.sum())
+            tokens += sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk_pairs)
+            padding.append(batch.padding_share)
         grad_norm = clip_and_norm(accelerator, model, cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -146,6 +158,7 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
         optimizer.zero_grad(set_to_none=True)
 
         metrics = gather_means(accelerator, parts)
+        metrics["padding_share"] = sum(padding) / len(padding)
         window.append((metrics, grad_norm, tokens * world, len(positions)))
         elapsed = time.perf_counter() - window_start
         metrics["pairs_per_second"] = sum(w[3] for w in window) / max(elapsed, 1e-9)
@@ -193,17 +206,29 @@ def disable_dropout(model) -> None:
             module.attention_dropout = 0.0
 
 
-def build_reference(cfg: Config, policy):
-    """The frozen reference: an in-memory copy of the starting policy, a separate model, or none."""
+def build_reference(cfg: Config, policy, pad: int, sample, device, log) -> Scorer | None:
+    """The frozen reference's scorer: an in-memory copy of the starting policy, a separate model, or none.
+
+    For --reference precomputed, the model the log-probs are computed with: --ref_model, or the starting policy
+    itself (no copy is made; nothing has trained it yet)."""
     if cfg.reference == "none":
         return None
-    if cfg.reference == "model":
-        reference = load_model(cfg.ref_model, cfg.seed, cfg.trust_remote_code, flag="ref_model")
+    if cfg.ref_model:
+        reference = load_model(cfg.ref_model, cfg.seed, cfg.trust_remote_code, flag="ref_model").to(device)
+    elif cfg.reference == "precomputed":
+        reference = policy
     else:
         reference = copy.deepcopy(policy)
     disable_dropout(reference)
-    reference.eval().requires_grad_(False)
-    return reference
+    if reference is not policy:
+        reference.eval().requires_grad_(False)
+    return make_scorer(reference, cfg, pad, sample, device, log)
+
+
+def reference_cache_dir(cfg: Config) -> str | None:
+    if cfg.ref_cache_dir == "off":
+        return None
+    return os.path.expanduser(cfg.ref_cache_dir) if cfg.ref_cache_dir else default_cache_dir()
 
 
 def lr_lambda(cfg: Config, total_steps: int):

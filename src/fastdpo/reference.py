@@ -1,0 +1,79 @@
+"""Reference log-probs computed once: batched, without gradients, cached on disk and reused by later runs.
+
+The cache key covers everything the numbers depend on: the reference weights, the token ids of every pair (so
+the data, the tokenizer and the truncation settings) and the precision. A hit skips the reference model's
+forward passes entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import torch
+
+from fastdpo.checkpoint import atomic_write_bytes
+from fastdpo.logps import Scorer, split_pairs
+from fastdpo.tokenize import TokenizedPair
+
+
+def default_cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "fastdpo", "reference")
+
+
+def weights_digest(model) -> str:
+    """sha256 of every parameter and buffer, in name order (about 1 s per GB)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(weights: str, pairs: list[TokenizedPair], precision: str) -> str:
+    h = hashlib.sha256(f"{weights}|{precision}|".encode())
+    for p in pairs:
+        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def compute_reference_logps(scorer: Scorer, pairs: list[TokenizedPair], batch_size: int, device,
+                            autocast) -> torch.Tensor:
+    """Reference log-probs of every pair, in order. Shape: (N, 2) as (chosen, rejected)."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        batch = scorer.collate(pairs[start : start + batch_size]).to(device)
+        with autocast():
+            logps, _ = scorer(batch)  # (2b,)
+        chosen, rejected = split_pairs(logps.float().cpu())
+        out.append(torch.stack([chosen, rejected], dim=1))
+    return torch.cat(out)
+
+
+def precompute_reference(scorer: Scorer, pair_sets: dict[str, list[TokenizedPair]], batch_size: int, device,
+                         autocast, precision: str, cache_dir: str | None, log=print) -> None:
+    """Attach `reference_logps` to every pair of every set, from the cache when it has them."""
+    from safetensors.torch import load_file, save
+
+    weights = weights_digest(scorer.model) if cache_dir else ""
+    for name, pairs in pair_sets.items():
+        start = time.perf_counter()
+        path = os.path.join(cache_dir, cache_key(weights, pairs, precision) + ".safetensors") if cache_dir else None
+        if path and os.path.isfile(path):
+            values = load_file(path)["reference_logps"]
+            how = f"loaded from the cache {path}"
+        else:
+            values = compute_reference_logps(scorer, pairs, batch_size, device, autocast)
+            how = f"computed in {time.perf_counter() - start:.1f} s"
+            if path:
+                atomic_write_bytes(path, save({"reference_logps": values.contiguous()}))
+                how += f", cached at {path}"
+        assert values.shape == (len(pairs), 2)
+        for pair, (chosen, rejected) in zip(pairs, values.tolist()):
+            pair.reference_logps = (chosen, rejected)
+        log(f"reference log-probs for {len(pairs)} {name} pairs: {how}")
