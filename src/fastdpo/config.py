@@ -77,7 +77,7 @@ class Config:
     packing: bool = _f(True, "pack several pairs into one row (block-diagonal attention), no padding")
     pack_length: int = _f(0, "tokens per packed row (0: the longest pair of the micro-batch)")
     group_by_length: bool = _f(False, "batch pairs of similar length together (less padding when not packing)")
-    logits_chunk_size: int = _f(1024, "response positions per lm_head chunk (0: the model's full logits)")
+    logits_chunk_size: int = _f(256, "response positions per lm_head chunk (0: the model's full logits)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, ~30% more time")
 
     def __post_init__(self):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -63,6 +64,26 @@ def reference_logps(reference: Scorer | None, policy: Scorer, batch, pairs, devi
         return reference(ref_batch)[0]
 
 
+@dataclass
+class ScoredBatch:
+    losses: torch.Tensor  # (B,) per-pair loss, with grad when the policy had it
+    metrics: dict[str, torch.Tensor]  # per-pair metric values, (B,) each
+    reference_chosen: torch.Tensor  # (B,)
+    reference_rejected: torch.Tensor  # (B,)
+
+
+def score_batch(policy: Scorer, reference: Scorer | None, batch, pairs, cfg: Config, device) -> ScoredBatch:
+    """Policy and reference log-probs of one batch -> per-pair losses and metrics (the loop and eval share it)."""
+    logps, tokens = policy(batch)  # (2B,), (2B,)
+    ref_logps = reference_logps(reference, policy, batch, pairs, device, logps).to(logps.device)
+    pc, pr = split_pairs(logps)
+    rc, rr = split_pairs(ref_logps)
+    ct, rt = split_pairs(tokens)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        cfg.loss, pc, pr, rc, rr, chosen_tokens=ct, rejected_tokens=rt, **loss_kwargs(cfg))
+    return ScoredBatch(losses, pair_metrics(losses, chosen_rewards, rejected_rewards, pc, pr, ct, rt), rc, rr)
+
+
 @torch.no_grad()
 def evaluate_pairs(policy: Scorer, reference: Scorer | None, pairs: list[TokenizedPair], cfg: Config,
                    batch_size: int, device, autocast=contextlib.nullcontext) -> tuple[dict, list[dict]]:
@@ -75,22 +96,20 @@ def evaluate_pairs(policy: Scorer, reference: Scorer | None, pairs: list[Tokeniz
         chunk = pairs[start : start + batch_size]
         batch = policy.collate(chunk).to(device)
         with autocast():
-            logps, tokens = policy(batch)  # (2B,), (2B,)
-            ref_logps = reference_logps(reference, policy, batch, chunk, device, logps)
-        pc, pr = split_pairs(logps)
-        rc, rr = split_pairs(ref_logps.to(logps.device))
-        ct, rt = split_pairs(tokens)
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            cfg.loss, pc, pr, rc, rr, chosen_tokens=ct, rejected_tokens=rt, **loss_kwargs(cfg))
-        for key, value in pair_metrics(losses, chosen_rewards, rejected_rewards, pc, pr, ct, rt).items():
+            scored = score_batch(policy, reference, batch, chunk, cfg, device)
+        m = scored.metrics
+        for key, value in m.items():
             values.setdefault(key, []).append(value.cpu())
         for i, index in enumerate(batch.indices):
             rows.append({
                 "index": index,
-                "policy_chosen_logps": pc[i].item(), "policy_rejected_logps": pr[i].item(),
-                "reference_chosen_logps": rc[i].item(), "reference_rejected_logps": rr[i].item(),
-                "chosen_reward": chosen_rewards[i].item(), "rejected_reward": rejected_rewards[i].item(),
-                "loss": losses[i].item(), "chosen_tokens": int(ct[i]), "rejected_tokens": int(rt[i]),
+                "policy_chosen_logps": m["logps/chosen"][i].item(),
+                "policy_rejected_logps": m["logps/rejected"][i].item(),
+                "reference_chosen_logps": scored.reference_chosen[i].item(),
+                "reference_rejected_logps": scored.reference_rejected[i].item(),
+                "chosen_reward": m["rewards/chosen"][i].item(), "rejected_reward": m["rewards/rejected"][i].item(),
+                "loss": m["loss"][i].item(), "chosen_tokens": int(m["tokens/chosen"][i]),
+                "rejected_tokens": int(m["tokens/rejected"][i]),
             })
     metrics = {key: torch.cat(parts).mean().item() for key, parts in values.items()}
     metrics["pairs"] = len(pairs)

@@ -68,51 +68,55 @@ def head_logps(head, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int
 class ChunkedHeadLogps(torch.autograd.Function):
     """`log_softmax(hidden @ W.T + b)[label]` computed `chunk` rows at a time; backward recomputes each chunk.
 
-    d logp / d logits = onehot(label) - softmax(logits), so each chunk's gradient needs only its own logits.
-    Matmuls run in the autocast dtype when autocast is on (as nn.Linear would); softmax is float32.
+    d logp / d logits = onehot(label) - softmax(logits), so each chunk's gradient needs only its own logits and
+    the log-sum-exp kept from the forward pass (M floats). Matmuls run in the autocast dtype when autocast is on
+    (as nn.Linear would); the softmax arithmetic is float32.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None  # cast once, not per chunk
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (M,)
+        lse = torch.empty_like(out)  # (M,) log-sum-exp of each row's logits
         with torch.autocast(device, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
-                logits = _logits(hidden[s : s + chunk], weight, bias, dtype)  # (c, V) float32
-                out[s : s + chunk] = _gather_logps(logits, labels[s : s + chunk])
-        ctx.save_for_backward(hidden, weight, bias, labels)
+                logits = _logits(hidden[s : s + chunk], w, b)  # (c, V) float32
+                lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
+                out[s : s + chunk] = logits.gather(-1, labels[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk, ctx.dtype = chunk, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, labels = ctx.saved_tensors
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
         dtype, device = ctx.dtype, hidden.device.type
-        grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, H)
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None \
             else None
         with torch.autocast(device, enabled=False):
             for s in range(0, hidden.shape[0], ctx.chunk):
-                h = hidden[s : s + ctx.chunk]
-                probs = torch.softmax(_logits(h, weight, bias, dtype), dim=-1)  # (c, V) float32
-                grad_logits = -probs  # d logp/d logits = onehot - softmax
-                grad_logits.scatter_add_(-1, labels[s : s + ctx.chunk, None], torch.ones_like(probs[:, :1]))
-                grad_logits *= grad_out[s : s + ctx.chunk, None]
-                g = grad_logits.to(dtype)
-                grad_hidden[s : s + ctx.chunk] = (g @ weight.to(dtype)).to(hidden.dtype)  # (c, H)
-                grad_weight += (g.t() @ h.to(dtype)).float()  # (V, H)
+                h, g = hidden[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None]  # (c, H), (c, 1)
+                # grad_logits = g * (onehot - softmax), built in place in the recomputed logits' buffer
+                grad_logits = _logits(h, w, b).sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g)  # (c, V)
+                grad_logits.scatter_add_(-1, labels[s : s + ctx.chunk, None], g.float())
+                gl = grad_logits.to(dtype)
+                grad_hidden[s : s + ctx.chunk] = (gl @ w).to(hidden.dtype)  # (c, H)
+                grad_weight.add_((gl.t() @ h.to(dtype)).float())  # (V, H)
                 if grad_bias is not None:
                     grad_bias += grad_logits.sum(0)
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
         return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None
 
 
-def _logits(hidden, weight, bias, dtype) -> torch.Tensor:
-    logits = hidden.to(dtype) @ weight.to(dtype).t()  # (c, V)
+def _logits(hidden, weight, bias) -> torch.Tensor:
+    logits = hidden.to(weight.dtype) @ weight.t()  # (c, V)
     if bias is not None:
-        logits = logits + bias.to(dtype)
+        logits = logits + bias
     return logits.float()
 
 

@@ -18,10 +18,8 @@ from fastdpo.checkpoint import atomic_write_text, latest_checkpoint, load_checkp
 from fastdpo.config import Config
 from fastdpo.data import Fields
 from fastdpo.errors import UserError
-from fastdpo.evaluate import (check_sample, evaluate_pairs, loss_kwargs, make_accelerator, make_scorer,
-                              reference_logps)
-from fastdpo.logps import Scorer, split_pairs
-from fastdpo.losses import pair_metrics, preference_loss
+from fastdpo.evaluate import check_sample, evaluate_pairs, make_accelerator, make_scorer, score_batch
+from fastdpo.logps import Scorer
 from fastdpo.metrics import MetricsFile, NoMetricsFile, ProgressBar, mean_metrics
 from fastdpo.models import load_model, load_tokenizer, resolve_data
 from fastdpo.reference import default_cache_dir, precompute_reference
@@ -140,15 +138,9 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
             batch = policy_scorer.collate(chunk_pairs).to(device)
             sync = accelerator.no_sync(model) if k < len(micro_batches) - 1 else _null()
             with sync, accelerator.autocast():
-                logps, counts = policy_scorer(batch)  # (2b,), (2b,)
-                ref_logps = reference_logps(ref_scorer, policy_scorer, batch, chunk_pairs, device, logps)
-                pc, pr = split_pairs(logps)
-                rc, rr = split_pairs(ref_logps.to(logps.device))
-                ct, rt = split_pairs(counts)
-                losses, chosen_rewards, rejected_rewards = preference_loss(
-                    cfg.loss, pc, pr, rc, rr, chosen_tokens=ct, rejected_tokens=rt, **loss_kwargs(cfg))
-                accelerator.backward(losses.sum() * scale)
-            parts.append(pair_metrics(losses, chosen_rewards, rejected_rewards, pc, pr, ct, rt))
+                scored = score_batch(policy_scorer, ref_scorer, batch, chunk_pairs, cfg, device)
+                accelerator.backward(scored.losses.sum() * scale)
+            parts.append(scored.metrics)
             tokens += sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk_pairs)
             padding.append(batch.padding_share)
         grad_norm = clip_and_norm(accelerator, model, cfg.max_grad_norm)
