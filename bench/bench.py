@@ -28,9 +28,9 @@ import sys
 import tempfile
 import time
 
-# The fastdpo fast-path flags, appended to every fastdpo run (main runs and memory curve). Fill in once the fast
-# paths exist, e.g. ["--reference", "precomputed", "--packing", "true"]; `--fastdpo-flags "..."` overrides it.
-FASTDPO_FAST_FLAGS: list[str] = []
+# fastdpo's fastest set-up, appended to every fastdpo run (main runs and memory curve); prefix sharing, packing
+# and chunked response-only logits are on by default. `--fastdpo-flags "..."` overrides it.
+FASTDPO_FAST_FLAGS: list[str] = ["--reference", "precomputed"]
 
 ARCH = dict(layers=4, hidden=256, intermediate=688, heads=4, vocab=32000)
 BATCH, LR, BETA = 8, 1e-6, 0.1
@@ -220,6 +220,10 @@ def child_trl(spec: dict) -> dict:
 
 def child_fastdpo(spec: dict) -> dict:
     """Time fastdpo's train() from the call to its return, minus the final model save (TRL saves nothing)."""
+    import accelerate  # noqa: F401  imported before the clock starts, as TRL's child imports them with trl
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
     import fastdpo.train as ft
     from fastdpo.config import build_config
 
@@ -237,6 +241,8 @@ def child_fastdpo(spec: dict) -> dict:
              str(spec["batch"]), "--epochs", "1", "--learning_rate", str(LR), "--beta", str(BETA), "--progress",
              "false", "--precision", spec["precision"], "--logging_steps", "1", "--max_length",
              str(spec["max_length"]), "--max_prompt_length", str(spec["max_prompt_length"])] + spec["fast_flags"]
+    if spec.get("ref_cache"):
+        flags += ["--ref_cache_dir", spec["ref_cache"]]
     start = time.perf_counter()
     ft.train(build_config(flags))
     wall = time.perf_counter() - start - saved["s"]
@@ -296,7 +302,10 @@ def run_child(spec: dict, workdir: str, timeout: float, idle_wait: float = 0) ->
     spec_path, log_path = os.path.join(run_dir, "spec.json"), os.path.join(run_dir, "log.txt")
     with open(spec_path, "w", encoding="utf-8") as f:
         json.dump(spec, f)
-    env = dict(os.environ, HF_DATASETS_CACHE=os.path.join(run_dir, "hf-datasets"), HF_HUB_OFFLINE="1",
+    # Fresh caches per run: neither TRL's cached reference log-probs (datasets cache) nor fastdpo's (XDG cache)
+    # may carry over from an earlier run or repeat.
+    env = dict(os.environ, HF_DATASETS_CACHE=os.path.join(run_dir, "hf-datasets"),
+               XDG_CACHE_HOME=os.path.join(run_dir, "cache"), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                TQDM_DISABLE="1")
     before = cpu_snapshot()
@@ -311,7 +320,8 @@ def run_child(spec: dict, workdir: str, timeout: float, idle_wait: float = 0) ->
         with open(spec["result"], encoding="utf-8") as f:
             result = json.load(f)
         after = cpu_snapshot()
-        result["other_load_cores"] = ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0])
+        other = (after[1] - before[1]) - (after[2] - before[2])  # busy CPU seconds that were not ours
+        result["other_load_cores"] = max(0.0, other / (after[0] - before[0]))
         return result
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
@@ -369,13 +379,18 @@ def print_main_table(results: dict, peaks: dict, trl_notes: dict) -> None:
                 continue
             print(f"  {tool:<9}{s['pairs_per_s']:>9.2f}{fmt(s['steady_pairs_per_s'], '.2f'):>9}"
                   f"{s['tokens_per_s']:>10.0f}{s['mfu_pct']:>8.2f}{s['peak_rss_gib']:>10.2f}{s['wall_s']:>8.1f}"
-                  f"{s['other_load_cores']:>7.2f}")
-        t, f = tools.get("TRL", {}), tools.get("fastdpo", {})
-        if "pairs_per_s" in t and "pairs_per_s" in f:
-            steady = (f["steady_pairs_per_s"] / t["steady_pairs_per_s"]
-                      if f["steady_pairs_per_s"] and t["steady_pairs_per_s"] else None)
-            print(f"  fastdpo/TRL: speed x{f['pairs_per_s'] / t['pairs_per_s']:.2f} (steady x{fmt(steady, '.2f')}),"
-                  f" memory x{f['peak_rss_gib'] / t['peak_rss_gib']:.2f} (fastdpo peak / TRL peak)")
+                  f"{s['other_load_cores']:>7.2f}" + ("  ! shared CPU" if s["other_load_cores"] > 0.1 else ""))
+        t = tools.get("TRL", {})
+        for name in ("fastdpo", "fastdpo*"):
+            f = tools.get(name, {})
+            if "pairs_per_s" in t and "pairs_per_s" in f:
+                steady = (f["steady_pairs_per_s"] / t["steady_pairs_per_s"]
+                          if f["steady_pairs_per_s"] and t["steady_pairs_per_s"] else None)
+                print(f"  {name + '/TRL:':<13} speed x{f['pairs_per_s'] / t['pairs_per_s']:.2f} (steady "
+                      f"x{fmt(steady, '.2f')}), memory x{f['peak_rss_gib'] / t['peak_rss_gib']:.2f} "
+                      "(fastdpo peak / TRL peak)")
+        print("  fastdpo* = the same run again: the reference log-probs come from the cache the run above wrote "
+              "(a re-run on the same data and model)")
 
 
 def print_curve(curve: dict) -> None:
@@ -406,7 +421,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=900, help="seconds per child run (default 900)")
     p.add_argument("--wait-idle", type=float, default=0, help="before each run, wait up to this many seconds"
                    " for other processes to leave the CPU (default 0: no waiting)")
-    p.add_argument("--peak-sizes", default="2048,4096", help="matmul sizes for the peak FLOP/s")
+    p.add_argument("--peak-sizes", default="1024,2048,4096", help="matmul sizes; the peak is the best median")
     p.add_argument("--workdir", default=None, help="where the fixture and run logs go (default: a temp dir, removed)")
     p.add_argument("--seed", type=int, default=0, help="fixture seed")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -446,14 +461,18 @@ def prepare(args, workdir: str, report: dict) -> dict:
 
 def run_main(args, fx: dict, base: dict, workdir: str, precisions: list[str], peaks: dict) -> dict:
     """The throughput runs: per precision, each tool `repeats` times (interleaved), medians and ratios."""
-    tools = ["fastdpo"] if args.skip_trl else ["TRL", "fastdpo"]
+    tools = (["fastdpo"] if args.skip_trl else ["TRL", "fastdpo"]) + ["fastdpo*"]
     results, trl_notes = {}, {}
     for precision in precisions:
         runs = {tool: [] for tool in tools}
         for rep in range(args.repeats):
+            # "fastdpo" starts from an empty reference cache and fills it; "fastdpo*" is the re-run that reads it
+            cache = os.path.join(workdir, f"refcache-{precision}")
+            shutil.rmtree(cache, ignore_errors=True)
             for tool in tools:
                 log(f"{tool} {precision} run {rep + 1}/{args.repeats}")
-                r = run_child(dict(base, tool=tool.lower(), precision=precision), workdir, args.timeout,
+                kind = "trl" if tool == "TRL" else "fastdpo"
+                r = run_child(dict(base, tool=kind, precision=precision, ref_cache=cache), workdir, args.timeout,
                               args.wait_idle)
                 log("  -> " + (r.get("error") or f"{r['wall_s']:.1f} s, peak {r['peak_rss_gib']:.2f} GiB"))
                 runs[tool].append(r)

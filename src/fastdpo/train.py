@@ -67,7 +67,7 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
     policy.to(device)
     sample = check_sample(pairs)
     policy_scorer = make_scorer(policy, cfg, pad, sample, device, log)
-    ref_scorer = build_reference(cfg, policy, pad, sample, device, log)
+    ref_scorer = build_reference(cfg, policy, policy_scorer, pad, sample, device, log)
     if cfg.reference == "precomputed":
         # With --resume the policy has not moved yet here: its weights are still the starting point.
         sets = {"train": pairs, **({"eval": eval_pairs} if eval_pairs else {})}
@@ -83,9 +83,10 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
     micro = cfg.micro_batch_size or cfg.batch_size // world
     steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                  weight_decay=cfg.weight_decay)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    fused = device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     model, optimizer = accelerator.prepare(policy, optimizer)
     policy_scorer.model = model
@@ -198,7 +199,8 @@ def disable_dropout(model) -> None:
             module.attention_dropout = 0.0
 
 
-def build_reference(cfg: Config, policy, pad: int, sample, device, log) -> Scorer | None:
+def build_reference(cfg: Config, policy, policy_scorer: Scorer, pad: int, sample, device,
+                    log) -> Scorer | None:
     """The frozen reference's scorer: an in-memory copy of the starting policy, a separate model, or none.
 
     For --reference precomputed, the model the log-probs are computed with: --ref_model, or the starting policy
@@ -208,7 +210,7 @@ def build_reference(cfg: Config, policy, pad: int, sample, device, log) -> Score
     if cfg.ref_model:
         reference = load_model(cfg.ref_model, cfg.seed, cfg.trust_remote_code, flag="ref_model").to(device)
     elif cfg.reference == "precomputed":
-        reference = policy
+        return policy_scorer  # the starting policy computes them itself: no copy, no second check
     else:
         reference = copy.deepcopy(policy)
     disable_dropout(reference)
