@@ -35,7 +35,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 LATEST = "latest"  # text file in checkpoints/ naming the newest complete checkpoint, written last
 
 
-def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, state: dict, keep: int = 0) -> str:
+def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, state: dict, keep: int = 0,
+                    reference=None) -> str:
     """Write `checkpoints/step-N/` through a temporary directory and a rename, then point `latest` at it.
 
     A kill at any moment leaves either the previous `latest` or the new one, each complete.
@@ -45,6 +46,8 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, sta
     final = os.path.join(root, f"step-{step}")
     tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step}-")
     model.save_pretrained(tmp, safe_serialization=True)
+    if reference is not None:  # TR-DPO moves the reference: it is part of the training state
+        reference.save_pretrained(os.path.join(tmp, "reference"), safe_serialization=True)
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
@@ -70,9 +73,11 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return path if os.path.isfile(os.path.join(path, "trainer_state.json")) else None
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: str, model, optimizer, scheduler, reference=None) -> dict:
     """Restore weights, optimizer, scheduler and RNG states; return the trainer state (step, epoch, ...)."""
     load_weights(model, path)
+    if reference is not None:
+        load_weights(reference, os.path.join(path, "reference"))
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
     set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=True))
@@ -84,6 +89,12 @@ def load_weights(model, folder: str) -> None:
     """Load `save_pretrained` safetensors weights (single file or sharded) into `model`, strictly."""
     from safetensors.torch import load_file
 
+    if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):  # a LoRA policy: its adapter only
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(os.path.join(folder, "adapter_model.safetensors")))
+        assert not result.unexpected_keys, f"adapter in {folder} does not match: {result.unexpected_keys}"
+        return
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -134,6 +145,7 @@ def _prune(root: str, keep: int, current: str) -> None:
 
 
 def _fsync_dir(path: str) -> None:
-    for name in os.listdir(path):
-        with open(os.path.join(path, name), "rb") as f:
-            os.fsync(f.fileno())
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())

@@ -72,6 +72,18 @@ class Config:
     eval_steps: int = _f(0, "evaluate on eval_data every N steps (0: only before and after training)")
     logging_steps: int = _f(10, "write a metrics.jsonl line every N optimizer steps")
     progress: bool = _f(True, "show a progress bar")
+    # --- LoRA and the reference ------------------------------------------------------------------------------
+    lora_r: int = _f(0, "LoRA rank (0: full fine-tuning); the reference is then the base with adapters off")
+    lora_alpha: float = _f(16.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input (0: exact reference log-probs in training)")
+    lora_targets: str = _f("all-linear", "modules to adapt: all-linear (every linear layer of the blocks) or "
+                                         "comma-separated names such as q_proj,v_proj")
+    adapter: typing.Optional[str] = _f(None, "start from this LoRA adapter directory; a frozen copy of it is the "
+                                             "reference")
+    merge_lora: bool = _f(False, "also write the merged full model to OUTPUT_DIR/merged")
+    load_in_4bit: bool = _f(False, "QLoRA: load the base in 4-bit NF4 through bitsandbytes (CUDA only)")
+    ref_sync_steps: int = _f(0, "TR-DPO: every N steps, ref <- alpha * policy + (1 - alpha) * ref (0: never)")
+    ref_sync_alpha: float = _f(0.6, "TR-DPO mixing weight alpha in (0, 1]")
     # --- speed and memory (each is exact: the same log-probs as the plain path) --------------------------------
     prefix_sharing: bool = _f(True, "one [prompt|chosen|rejected] sequence per pair: the prompt computed once")
     packing: bool = _f(True, "pack several pairs into one row (block-diagonal attention), no padding")
@@ -124,6 +136,25 @@ class Config:
             bad("learning_rate", "learning_rate, weight_decay and max_grad_norm must be >= 0")
         if self.max_steps == 0 and not self.epochs > 0:
             bad("epochs", f"must be > 0 when max_steps is 0, got {self.epochs}")
+        if self.lora_r < 0:
+            bad("lora_r", f"must be >= 0, got {self.lora_r}")
+        lora = self.lora_r > 0 or self.adapter
+        if self.merge_lora and not lora:
+            bad("merge_lora", "needs LoRA (--lora_r R or --adapter DIR)")
+        if self.load_in_4bit and not lora:
+            bad("load_in_4bit", "a 4-bit base cannot be trained directly; add --lora_r R (QLoRA)")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.ref_sync_steps < 0 or not 0 < self.ref_sync_alpha <= 1:
+            bad("ref_sync_alpha", "ref_sync_steps must be >= 0 and ref_sync_alpha in (0, 1]")
+        if self.ref_sync_steps and self.reference == "precomputed":
+            bad("ref_sync_steps", "TR-DPO updates the reference during training; a precomputed reference cannot "
+                                  "change (use --reference copy)")
+        if self.ref_sync_steps and self.reference == "none":
+            bad("ref_sync_steps", "there is no reference to update with --reference none")
+        if self.ref_sync_steps and lora and not self.ref_model:
+            bad("ref_sync_steps", "with LoRA the reference is the base with adapters off and cannot be softly "
+                                  "updated; give --ref_model DIR for a separate reference")
         if self.resume and self.overwrite:
             bad("resume", "--resume and --overwrite contradict each other; choose one")
 

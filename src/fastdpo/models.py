@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from importlib import resources
 
@@ -36,8 +37,9 @@ def _source(name: str, flag: str) -> str:
     looks_local = name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") > 1
     if looks_local and not os.path.isdir(name):
         raise UserError(f"--{flag}: {name}: no such model directory")
-    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
-        raise UserError(f"--{flag}: {name}: not a model directory (no config.json)")
+    if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f))
+                                       for f in ("config.json", "adapter_config.json")):
+        raise UserError(f"--{flag}: {name}: not a model directory (no config.json or adapter_config.json)")
     return name
 
 
@@ -45,6 +47,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "mode
     from transformers import AutoTokenizer
 
     source = _source(name, flag)
+    base = adapter_base(source) if os.path.isdir(source) else None
+    if base and not any(os.path.isfile(os.path.join(source, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        return load_tokenizer(base, trust_remote_code, flag)  # an adapter saved without its tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError ... for a missing tokenizer
@@ -58,10 +63,24 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "mode
     return tokenizer
 
 
-def load_model(name: str, seed: int = 42, trust_remote_code: bool = False, flag: str = "model"):
-    """A causal LM in float32 and eval mode (dropout off); mixed precision is applied by autocast."""
+def adapter_base(path: str) -> str | None:
+    """The base model a peft LoRA adapter directory was trained on, or None if `path` is not an adapter."""
+    config = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config, encoding="utf-8") as f:
+        return json.load(f).get("base_model_name_or_path")
+
+
+def load_model(name: str, seed: int = 42, trust_remote_code: bool = False, flag: str = "model",
+               load_in_4bit: bool = False):
+    """A causal LM in float32 and eval mode (dropout off); mixed precision is applied by autocast.
+
+    An adapter directory loads its base with the adapter merged in (for scoring: `eval`, `--ref_model`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if os.path.isdir(name) and adapter_base(name):
+        return _load_adapter_merged(name, seed, trust_remote_code, flag)
     source = _source(name, flag)
     try:
         if name in BUILTIN_MODELS:
@@ -69,9 +88,11 @@ def load_model(name: str, seed: int = 42, trust_remote_code: bool = False, flag:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # the built-in model is its config plus a seeded initialisation
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.name_or_path = name  # recorded by peft as an adapter's base
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
-                                                         trust_remote_code=trust_remote_code)
+                                                         trust_remote_code=trust_remote_code,
+                                                         **_quantization(load_in_4bit, flag))
     except UserError:
         raise
     except Exception as e:
@@ -79,3 +100,63 @@ def load_model(name: str, seed: int = 42, trust_remote_code: bool = False, flag:
         raise UserError(f"--{flag}: {name}: could not load the model ({first})") from None
     model.eval()
     return model
+
+
+def _quantization(load_in_4bit: bool, flag: str) -> dict:
+    """QLoRA: the base in 4-bit NF4 through bitsandbytes, which needs a CUDA GPU."""
+    if not load_in_4bit:
+        return {}
+    if not torch.cuda.is_available():
+        raise UserError("--load_in_4bit: 4-bit bases (QLoRA) need a CUDA GPU with bitsandbytes; this machine has "
+                        "no GPU. Train LoRA on the full-precision base instead (drop --load_in_4bit)", exit_code=2)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("--load_in_4bit needs bitsandbytes: pip install bitsandbytes", exit_code=2) from None
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_compute_dtype=torch.bfloat16,
+                                                      bnb_4bit_use_double_quant=True)}
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise UserError("LoRA needs peft: pip install 'fastdpo[lora]'", exit_code=2) from None
+    return peft
+
+
+def _load_adapter_merged(path: str, seed: int, trust_remote_code: bool, flag: str):
+    base = load_model(adapter_base(path), seed, trust_remote_code, flag)
+    try:
+        model = _peft().PeftModel.from_pretrained(base, path)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"--{flag}: {path}: could not load the adapter ({first})") from None
+    return model.merge_and_unload().eval()
+
+
+def apply_lora(model, r: int, alpha: float, dropout: float, targets: str, adapter: str | None):
+    """Wrap `model` with trainable LoRA adapters (a new one, or `adapter` plus a frozen copy of it named "ref").
+
+    Only the adapters train; the reference is the same weights with the adapters off (or the "ref" adapter), so
+    no second copy of the model is held."""
+    peft = _peft()
+    if adapter:
+        model = peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        model.load_adapter(adapter, adapter_name="ref", is_trainable=False)
+        model.set_adapter("default")
+        return model
+    target_modules = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t]
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                             task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(f"--lora_targets: {e}", exit_code=2) from None
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")

@@ -7,6 +7,7 @@ forward passes entirely.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -77,3 +78,42 @@ def precompute_reference(scorer: Scorer, pair_sets: dict[str, list[TokenizedPair
         for pair, (chosen, rejected) in zip(pairs, values.tolist()):
             pair.reference_logps = (chosen, rejected)
         log(f"reference log-probs for {len(pairs)} {name} pairs: {how}")
+
+
+class AdapterReference:
+    """The reference of a LoRA policy: the policy's own weights, scored with its adapters switched off (or with
+    the frozen "ref" copy of a starting adapter active). No second model is held."""
+
+    def __init__(self, scorer: Scorer, peft_model):
+        self.scorer, self.peft_model = scorer, peft_model
+        self.model = scorer.model  # what the cache key digests
+
+    @property
+    def layout(self) -> tuple:
+        return self.scorer.layout
+
+    def collate(self, pairs):
+        return self.scorer.collate(pairs)
+
+    @contextlib.contextmanager
+    def _reference_weights(self):
+        if "ref" in self.peft_model.peft_config:
+            self.peft_model.set_adapter("ref")
+            try:
+                yield
+            finally:
+                self.peft_model.set_adapter("default")  # also makes "default" trainable again
+        else:
+            with self.peft_model.disable_adapter():
+                yield
+
+    def __call__(self, batch):
+        with torch.no_grad(), self._reference_weights():
+            return self.scorer(batch)
+
+
+@torch.no_grad()
+def sync_reference(reference, policy, alpha: float) -> None:
+    """TR-DPO (arXiv:2404.09656, soft update): `ref <- alpha * policy + (1 - alpha) * ref`, parameter by parameter."""
+    for (name, ref_param), (_, param) in zip(reference.named_parameters(), policy.named_parameters(), strict=True):
+        ref_param.mul_(1 - alpha).add_(param.detach().to(ref_param.dtype), alpha=alpha)

@@ -21,8 +21,8 @@ from fastdpo.errors import UserError
 from fastdpo.evaluate import check_sample, evaluate_pairs, make_accelerator, make_scorer, score_batch
 from fastdpo.logps import Scorer
 from fastdpo.metrics import MetricsFile, NoMetricsFile, ProgressBar, mean_metrics
-from fastdpo.models import load_model, load_tokenizer, resolve_data
-from fastdpo.reference import default_cache_dir, precompute_reference
+from fastdpo.models import apply_lora, is_lora, load_model, load_tokenizer, resolve_data
+from fastdpo.reference import AdapterReference, default_cache_dir, precompute_reference, sync_reference
 from fastdpo.tokenize import load_pairs
 
 
@@ -62,11 +62,15 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
         log(eval_stats.summary("eval data"))
     device = accelerator.device
     pad = tokenizer.pad_token_id
-    policy = load_model(cfg.model, cfg.seed, cfg.trust_remote_code)
-    disable_dropout(policy)
+    policy = load_model(cfg.model, cfg.seed, cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit)
+    disable_dropout(policy)  # before LoRA wraps it, so --lora_dropout keeps its value
+    if cfg.lora_r or cfg.adapter:
+        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.adapter)
     policy.to(device)
     sample = check_sample(pairs)
-    policy_scorer = make_scorer(policy, cfg, pad, sample, device, log)
+    # the scorer runs the Hugging Face model itself (with LoRA layers injected, when LoRA is on)
+    policy_scorer = make_scorer(policy.get_base_model() if is_lora(policy) else policy, cfg, pad, sample, device,
+                                log)
     ref_scorer = build_reference(cfg, policy, policy_scorer, pad, sample, device, log)
     if cfg.reference == "precomputed":
         # With --resume the policy has not moved yet here: its weights are still the starting point.
@@ -75,7 +79,7 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
                              device, accelerator.autocast, cfg.precision, reference_cache_dir(cfg), log)
         ref_scorer = None  # the separate reference model, if any, is freed with it
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy_scorer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     world = accelerator.num_processes
     if cfg.batch_size % world:
@@ -89,11 +93,11 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     model, optimizer = accelerator.prepare(policy, optimizer)
-    policy_scorer.model = model
+    synced = ref_scorer.model if cfg.ref_sync_steps else None  # TR-DPO: the reference weights that move
 
     start_step = 0
     if resume_from:
-        state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler, synced)
         start_step = state["step"]
         log(f"fastdpo: resumed from {resume_from} at step {start_step}")
     elif main:
@@ -149,6 +153,8 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if synced is not None and (step + 1) % cfg.ref_sync_steps == 0:
+            sync_reference(synced, accelerator.unwrap_model(model), cfg.ref_sync_alpha)
 
         metrics = gather_means(accelerator, parts)
         metrics["padding_share"] = sum(padding) / len(padding)
@@ -169,7 +175,7 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
             save_checkpoint(cfg.output_dir, done, accelerator.unwrap_model(model), optimizer, scheduler,
                             {"step": done, "epoch": epoch, "batch_in_epoch": index + 1,
                              "steps_per_epoch": steps_per_epoch, "total_steps": total_steps},
-                            keep=cfg.save_total_limit)
+                            keep=cfg.save_total_limit, reference=synced)
         accelerator.wait_for_everyone()
     bar.close()
 
@@ -209,6 +215,8 @@ def build_reference(cfg: Config, policy, policy_scorer: Scorer, pad: int, sample
         return None
     if cfg.ref_model:
         reference = load_model(cfg.ref_model, cfg.seed, cfg.trust_remote_code, flag="ref_model").to(device)
+    elif is_lora(policy):
+        return AdapterReference(policy_scorer, policy)  # the same weights with the adapters off
     elif cfg.reference == "precomputed":
         return policy_scorer  # the starting policy computes them itself: no copy, no second check
     else:
@@ -309,7 +317,16 @@ def save_final(cfg: Config, model, tokenizer, steps: int, eval_before, eval_afte
     import tempfile
 
     tmp = tempfile.mkdtemp(dir=cfg.output_dir, prefix=".tmp-final-")
-    model.save_pretrained(tmp, safe_serialization=True)
+    if is_lora(model):
+        model.save_pretrained(tmp, selected_adapters=["default"])  # the adapter in peft's format
+        if cfg.merge_lora:
+            if "ref" in model.peft_config:
+                model.delete_adapter("ref")
+            merged = os.path.join(tmp, "merged")
+            model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
+            tokenizer.save_pretrained(merged)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     for name in os.listdir(tmp):
         os.replace(os.path.join(tmp, name), os.path.join(cfg.output_dir, name))

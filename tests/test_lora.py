@@ -1,0 +1,197 @@
+"""LoRA: the reference is the base with adapters off; saved adapters and merged models reproduce the policy;
+TR-DPO's soft reference update; reference-free losses build no reference."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft", reason="LoRA needs peft (pip install -e '.[dev]')")
+
+from fastdpo.batching import collate_concatenated  # noqa: E402
+from fastdpo.config import build_config  # noqa: E402
+from fastdpo.errors import UserError  # noqa: E402
+from fastdpo.logps import sequence_logps  # noqa: E402
+from fastdpo.train import train  # noqa: E402
+
+from conftest import example_rows, load_state, make_model_dir, run_cli, write_jsonl  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    model = make_model_dir(root / "model", seed=6)
+    data = write_jsonl(root / "pairs.jsonl", example_rows(16))
+    return root, model, data
+
+
+def flags(base, out, *extra):
+    root, model, data = base
+    return ["--model", model, "--data", data, "--output_dir", str(out), "--learning_rate", "5e-3", "--max_steps",
+            "3", "--batch_size", "8", "--progress", "false", "--ref_cache_dir", "off", *extra]
+
+
+def probe_batch(base):
+    from fastdpo.models import load_tokenizer
+    from fastdpo.tokenize import load_pairs
+    from fastdpo.data import Fields
+
+    root, model, data = base
+    pairs, _ = load_pairs(data, "train", load_tokenizer(model), fields=Fields(), max_length=1024,
+                          max_prompt_length=512)
+    return collate_concatenated(pairs[:4], 2)
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    """A LoRA run; captures the reference's and the trained policy's log-probs on a probe batch in memory."""
+    import fastdpo.train as train_module
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    batch = probe_batch(base)
+    seen = {}
+    build, save = train_module.build_reference, train_module.save_final
+
+    def capture_reference(cfg, policy, policy_scorer, *args):
+        reference = build(cfg, policy, policy_scorer, *args)
+        seen["reference"] = reference(batch)[0]
+        seen["base_before"] = {k: v.clone() for k, v in policy.get_base_model().state_dict().items()
+                               if "lora_" not in k}
+        return reference
+
+    def capture_policy(cfg, model, *args):
+        with torch.no_grad():
+            seen["policy"] = sequence_logps(model.get_base_model(), batch)[0]
+        seen["base_after"] = {k: v.clone() for k, v in model.get_base_model().state_dict().items()
+                              if "lora_" not in k}
+        return save(cfg, model, *args)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train_module, "build_reference", capture_reference)
+    mp.setattr(train_module, "save_final", capture_policy)
+    try:
+        train(build_config(flags(base, out, "--lora_r", "4", "--lora_alpha", "8", "--merge_lora")))
+    finally:
+        mp.undo()
+    with torch.no_grad():
+        seen["base_model"] = sequence_logps(AutoModelForCausalLM.from_pretrained(base[1]), batch)[0]
+    return out, batch, seen
+
+
+def test_reference_is_the_base_model_and_only_adapters_train(trained):
+    out, batch, seen = trained
+    torch.testing.assert_close(seen["reference"], seen["base_model"], atol=1e-5, rtol=0)
+    for key, value in seen["base_before"].items():
+        assert torch.equal(value, seen["base_after"][key]), key
+    assert (seen["policy"] - seen["base_model"]).abs().max() > 1e-3  # the adapters did learn something
+
+
+def test_saved_adapter_and_merged_model_reproduce_the_policy(base, trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, batch, seen = trained
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert not (out / "model.safetensors").exists()  # no full copy of the weights
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base[1]), out).eval()
+        via_peft = sequence_logps(adapted.get_base_model(), batch)[0]
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+        via_merged = sequence_logps(merged, batch)[0]
+    torch.testing.assert_close(via_peft, seen["policy"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(via_merged, seen["policy"], atol=1e-4, rtol=0)
+
+
+def test_eval_accepts_an_adapter_directory(base, trained, capsys, tmp_path):
+    out, batch, seen = trained
+    per_pair = tmp_path / "pairs.jsonl"
+    run_cli(["eval", "--model", str(out), "--ref_model", base[1], "--data", base[2], "--json", "--per_pair_out",
+             str(per_pair)], capsys)
+    rows = [json.loads(line) for line in per_pair.read_text().splitlines()][:4]
+    got = torch.tensor([r["policy_chosen_logps"] for r in rows] + [r["policy_rejected_logps"] for r in rows])
+    torch.testing.assert_close(got, seen["policy"], atol=1e-3, rtol=0)
+
+
+def test_lora_resume_equals_an_uninterrupted_run(base, tmp_path, monkeypatch):
+    import fastdpo.train as train_module
+
+    train(build_config(flags(base, tmp_path / "full", "--lora_r", "4", "--max_steps", "4", "--save_steps", "2")))
+    original = train_module.save_checkpoint
+
+    def save_then_die(output_dir, step, *args, **kwargs):
+        original(output_dir, step, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(build_config(flags(base, tmp_path / "cut", "--lora_r", "4", "--max_steps", "4", "--save_steps", "2")))
+    monkeypatch.setattr(train_module, "save_checkpoint", original)
+    train(build_config(flags(base, tmp_path / "cut", "--lora_r", "4", "--max_steps", "4", "--save_steps", "2",
+                             "--resume")))
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_tr_dpo_sync_follows_the_formula(base, tmp_path, monkeypatch):
+    """One step with ref_sync_steps 1, α = 0.25: ref = 0.25·policy_after_step + 0.75·policy_before."""
+    import fastdpo.train as train_module
+
+    seen = {}
+    build = train_module.build_reference
+
+    def capture(cfg, policy, *args):
+        reference = build(cfg, policy, *args)
+        seen["start"] = {k: v.clone() for k, v in policy.state_dict().items()}
+        seen["reference"] = reference.model
+        return reference
+
+    monkeypatch.setattr(train_module, "build_reference", capture)
+    out = tmp_path / "out"
+    train(build_config(flags(base, out, "--max_steps", "1", "--ref_sync_steps", "1", "--ref_sync_alpha", "0.25")))
+    trained = load_state(out)
+    moved = 0
+    for key, ref in seen["reference"].state_dict().items():
+        expected = 0.25 * trained[key] + 0.75 * seen["start"][key]
+        torch.testing.assert_close(ref, expected, atol=1e-6, rtol=0, msg=key)
+        moved += not torch.equal(ref, seen["start"][key])
+    assert moved > 0
+
+
+def test_reference_none_with_simpo_never_builds_a_reference(base, tmp_path, monkeypatch):
+    import copy
+
+    import fastdpo.train as train_module
+
+    loads = []
+    original_load = train_module.load_model
+    monkeypatch.setattr(train_module, "load_model", lambda *a, **k: loads.append(a) or original_load(*a, **k))
+    deepcopy = copy.deepcopy
+
+    def no_model_copies(obj, *args, **kwargs):
+        assert not isinstance(obj, torch.nn.Module), "a copy of the model was made"
+        return deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", no_model_copies)
+    built = []
+    build = train_module.build_reference
+    monkeypatch.setattr(train_module, "build_reference", lambda *a: built.append(build(*a)) or built[-1])
+    result = train(build_config(flags(base, tmp_path / "out", "--reference", "none", "--loss", "simpo", "--beta",
+                                      "2")))
+    assert len(loads) == 1 and built == [None] and result.steps == 3
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lora_r", "4", "--load_in_4bit"], "need a CUDA GPU"),
+    (["--reference", "precomputed", "--ref_sync_steps", "2"], "precomputed reference cannot change"),
+    (["--lora_r", "4", "--ref_sync_steps", "2"], "adapters off"),
+    (["--reference", "none", "--loss", "sigmoid"], "needs a reference"),
+    (["--merge_lora"], "needs LoRA"),
+])
+def test_reference_and_lora_misuse_is_a_clear_error(base, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        train(build_config(flags(base, tmp_path / "out", *extra)))
