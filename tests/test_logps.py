@@ -156,3 +156,17 @@ def test_prompt_and_padding_tokens_are_masked():
     assert batch.score_cols.tolist() == [3, 4, 1, 2, 3, 4, 5, 6, 3, 4, 5, 6, 1, 2]
     assert batch.score_labels.tolist() == [10, 1, 21, 22, 23, 24, 25, 1, 11, 12, 13, 1, 26, 1]
     assert batch.score_seq.tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3]
+
+
+def test_chunked_head_with_a_frozen_lm_head_gives_the_same_hidden_gradients():
+    model = tiny_llama(40)
+    batch = collate(PAIRS, True, True)
+    grads = []
+    for frozen in (False, True):
+        model.zero_grad()
+        model.lm_head.weight.requires_grad_(not frozen)
+        logps, _ = sequence_logps(model, batch, "chunked", chunk_size=5)
+        logps.sum().backward()
+        grads.append(model.model.layers[0].mlp.up_proj.weight.grad.clone())
+        assert (model.lm_head.weight.grad is None) == frozen
+    torch.testing.assert_close(grads[0], grads[1])

@@ -94,10 +94,11 @@ class ChunkedHeadLogps(torch.autograd.Function):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         dtype, device = ctx.dtype, hidden.device.type
         w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, H)
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None \
-            else None
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]  # a frozen lm_head (LoRA) needs no grad
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight \
+            else None  # (V, H)
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
         with torch.autocast(device, enabled=False):
             for s in range(0, hidden.shape[0], ctx.chunk):
                 h, g = hidden[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None]  # (c, H), (c, 1)
@@ -105,12 +106,15 @@ class ChunkedHeadLogps(torch.autograd.Function):
                 grad_logits = _logits(h, w, b).sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g)  # (c, V)
                 grad_logits.scatter_add_(-1, labels[s : s + ctx.chunk, None], g.float())
                 gl = grad_logits.to(dtype)
-                grad_hidden[s : s + ctx.chunk] = (gl @ w).to(hidden.dtype)  # (c, H)
-                grad_weight.add_((gl.t() @ h.to(dtype)).float())  # (V, H)
-                if grad_bias is not None:
+                if need_hidden:
+                    grad_hidden[s : s + ctx.chunk] = (gl @ w).to(hidden.dtype)  # (c, H)
+                if need_weight:
+                    grad_weight.add_((gl.t() @ h.to(dtype)).float())  # (V, H)
+                if need_bias:
                     grad_bias += grad_logits.sum(0)
-        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def _logits(hidden, weight, bias) -> torch.Tensor:
