@@ -62,6 +62,15 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, sta
     return final
 
 
+def clean_partial_checkpoints(output_dir: str) -> None:
+    """Remove the temporary directories of checkpoints a killed run did not finish."""
+    root = os.path.join(output_dir, "checkpoints")
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if name.startswith(".tmp-"):
+            path = os.path.join(root, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     root = os.path.join(output_dir, "checkpoints")
     try:

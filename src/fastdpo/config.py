@@ -72,6 +72,7 @@ class Config:
     eval_steps: int = _f(0, "evaluate on eval_data every N steps (0: only before and after training)")
     logging_steps: int = _f(10, "write a metrics.jsonl line every N optimizer steps")
     progress: bool = _f(True, "show a progress bar")
+    max_bad_steps: int = _f(10, "stop after this many steps in a row with a non-finite loss or gradients")
     # --- LoRA and the reference ------------------------------------------------------------------------------
     lora_r: int = _f(0, "LoRA rank (0: full fine-tuning); the reference is then the base with adapters off")
     lora_alpha: float = _f(16.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)")
@@ -130,6 +131,8 @@ class Config:
                     "eval_steps", "save_total_limit", "pack_length", "logits_chunk_size"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.max_bad_steps < 1:
+            bad("max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
         if self.logging_steps < 1:
             bad("logging_steps", f"must be >= 1, got {self.logging_steps}")
         if self.learning_rate < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:

@@ -13,8 +13,8 @@ class MetricsFile:
     def __init__(self, path: str, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with open(path, encoding="utf-8", errors="replace") as f:
+                kept = [line for line in f if _step(line) is not None and _step(line) <= resume_step]
             with open(path, "w", encoding="utf-8") as f:
                 f.writelines(kept)
 
@@ -54,3 +54,11 @@ def mean_metrics(parts: list[dict]) -> dict:
     import torch
 
     return {key: torch.cat([p[key] for p in parts]).mean().item() for key in parts[0]}
+
+
+def _step(line: str) -> int | None:
+    """The step of a metrics line; None for a line a killed run left half-written."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None

@@ -7,14 +7,17 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
 from fastdpo.batching import batch_order
-from fastdpo.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from fastdpo.checkpoint import (atomic_write_text, clean_partial_checkpoints, latest_checkpoint, load_checkpoint,
+                                save_checkpoint)
 from fastdpo.config import Config
 from fastdpo.data import Fields
 from fastdpo.errors import UserError
@@ -33,6 +36,32 @@ class TrainResult:
     eval_before: dict | None
     eval_after: dict | None
     last_metrics: dict | None
+    stopped: bool = False  # by SIGTERM or Ctrl-C, after writing a checkpoint
+
+
+class StopOnSignal:
+    """SIGTERM or a first Ctrl-C asks the loop to stop after the current step (it then checkpoints and returns);
+    a second Ctrl-C aborts at once. Handlers are installed only in the main thread and restored afterwards."""
+
+    def __init__(self):
+        self.requested, self._previous = None, {}
+
+    def install(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.requested = signal.Signals(signum).name
+        print(f"\nfastdpo: {self.requested}: finishing this step, then writing a checkpoint "
+              "(Ctrl-C again to abort now)", file=sys.stderr)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def train(cfg: Config, quickstart: bool = False) -> TrainResult:
@@ -43,8 +72,6 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
     resume_from = check_output_dir(cfg)
     set_seed(cfg.seed)
     log = (lambda text: print(text, file=sys.stderr)) if main else (lambda text: None)
-    if main:
-        print(cfg.to_yaml().rstrip(), file=sys.stderr)
 
     # --- setup: data, models, optimizer (nothing is written before this all succeeds) ---------------------------
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -97,12 +124,14 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
 
     start_step = 0
     if resume_from:
+        clean_partial_checkpoints(cfg.output_dir)
         state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler, synced)
         start_step = state["step"]
         log(f"fastdpo: resumed from {resume_from} at step {start_step}")
     elif main:
         prepare_fresh_output_dir(cfg)
-    if main:
+    if main:  # printed once everything has loaded, so a failed set-up prints only its one-line error
+        print(cfg.to_yaml().rstrip(), file=sys.stderr)
         atomic_write_text(os.path.join(cfg.output_dir, "config.yaml"), cfg.to_yaml())
     metrics_file = MetricsFile(os.path.join(cfg.output_dir, "metrics.jsonl"),
                                resume_step=start_step if resume_from else None) if main else NoMetricsFile()
@@ -129,54 +158,78 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
     orders = {}
     lengths = [2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs] \
         if cfg.group_by_length else None
-    for step in range(start_step, total_steps):
-        epoch, index = divmod(step, steps_per_epoch)
-        if epoch not in orders:  # the data order is a function of (seed, epoch): resume needs only the step
-            orders = {epoch: batch_order(len(pairs), cfg.batch_size, cfg.shuffle, cfg.seed, epoch, lengths)}
-        positions = orders[epoch][index]
-        local = positions[accelerator.process_index :: world]  # this process's shard of the global batch
-        scale = world / len(positions)  # sum of per-pair losses / global pairs, after DDP's mean over processes
-        parts, tokens, padding = [], 0, []
-        micro_batches = [local[i : i + micro] for i in range(0, len(local), micro)]
-        for k, chunk in enumerate(micro_batches):
-            chunk_pairs = [pairs[i] for i in chunk]
-            batch = policy_scorer.collate(chunk_pairs).to(device)
-            sync = accelerator.no_sync(model) if k < len(micro_batches) - 1 else _null()
-            with sync, accelerator.autocast():
-                scored = score_batch(policy_scorer, ref_scorer, batch, chunk_pairs, cfg, device)
-                accelerator.backward(scored.losses.sum() * scale)
-            parts.append(scored.metrics)
-            tokens += sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk_pairs)
-            padding.append(batch.padding_share)
-        grad_norm = clip_and_norm(accelerator, model, cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if synced is not None and (step + 1) % cfg.ref_sync_steps == 0:
-            sync_reference(synced, accelerator.unwrap_model(model), cfg.ref_sync_alpha)
+    skipped, bad_in_row = (state.get("skipped_steps", 0), state.get("bad_in_row", 0)) if resume_from else (0, 0)
+    stop = StopOnSignal().install()  # SIGTERM / first Ctrl-C: finish the step, checkpoint, exit 0
+    try:
+        for step in range(start_step, total_steps):
+            epoch, index = divmod(step, steps_per_epoch)
+            if epoch not in orders:  # the data order is a function of (seed, epoch): resume needs only the step
+                orders = {epoch: batch_order(len(pairs), cfg.batch_size, cfg.shuffle, cfg.seed, epoch, lengths)}
+            positions = orders[epoch][index]
+            local = positions[accelerator.process_index :: world]  # this process's shard of the global batch
+            scale = world / len(positions)  # sum of per-pair losses / global pairs, after DDP averages processes
+            parts, tokens, padding = [], 0, []
+            micro_batches = [local[i : i + micro] for i in range(0, len(local), micro)]
+            for k, chunk in enumerate(micro_batches):
+                chunk_pairs = [pairs[i] for i in chunk]
+                batch = policy_scorer.collate(chunk_pairs).to(device)
+                sync = accelerator.no_sync(model) if k < len(micro_batches) - 1 else _null()
+                with sync, accelerator.autocast():
+                    scored = score_batch(policy_scorer, ref_scorer, batch, chunk_pairs, cfg, device)
+                    accelerator.backward(scored.losses.sum() * scale)
+                parts.append(scored.metrics)
+                tokens += sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk_pairs)
+                padding.append(batch.padding_share)
+            grad_norm = clip_and_norm(accelerator, model, cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            metrics = gather_means(accelerator, parts)
+            finite = math.isfinite(grad_norm) and math.isfinite(metrics["loss"])
+            if finite:
+                optimizer.step()
+                scheduler.step()
+                bad_in_row = 0
+            else:  # skip the update; the data position still advances, so a resumed run skips the same step
+                skipped, bad_in_row = skipped + 1, bad_in_row + 1
+                log(f"fastdpo: step {step + 1}: non-finite loss or gradients, update skipped ({bad_in_row} in a row)")
+            optimizer.zero_grad(set_to_none=True)
+            if bad_in_row >= cfg.max_bad_steps:
+                last_good = latest_checkpoint(cfg.output_dir)
+                raise UserError(f"training stopped at step {step + 1}: {bad_in_row} steps in a row had a non-finite "
+                                f"loss or gradients (lower --learning_rate, check the data); last good checkpoint: "
+                                f"{last_good or 'none (use --save_steps)'}")
+            if synced is not None and (step + 1) % cfg.ref_sync_steps == 0:
+                sync_reference(synced, accelerator.unwrap_model(model), cfg.ref_sync_alpha)
 
-        metrics = gather_means(accelerator, parts)
-        metrics["padding_share"] = sum(padding) / len(padding)
-        window.append((metrics, grad_norm, tokens * world, len(positions)))
-        elapsed = time.perf_counter() - window_start
-        metrics["pairs_per_second"] = sum(w[3] for w in window) / max(elapsed, 1e-9)
-        bar.update(metrics)
-        done = step + 1
-        if done % cfg.logging_steps == 0 or done == total_steps:
-            last = log_window(metrics_file, window, elapsed, done, epoch + (index + 1) / steps_per_epoch, lr)
-            window, window_start = [], time.perf_counter()
-        if cfg.eval_steps and done % cfg.eval_steps == 0 and done != total_steps:
-            result = evaluate(done)
-            if result:
-                bar.write(f"step {done}: eval reward accuracy {result['rewards/accuracies']:.3f}, "
-                          f"margin {result['rewards/margins']:.4f}, loss {result['loss']:.4f}")
-        if cfg.save_steps and done % cfg.save_steps == 0 and done != total_steps and main:
-            save_checkpoint(cfg.output_dir, done, accelerator.unwrap_model(model), optimizer, scheduler,
-                            {"step": done, "epoch": epoch, "batch_in_epoch": index + 1,
-                             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps},
-                            keep=cfg.save_total_limit, reference=synced)
-        accelerator.wait_for_everyone()
+            metrics["padding_share"] = sum(padding) / len(padding)
+            metrics["skipped_steps"] = skipped
+            window.append((metrics, grad_norm, tokens * world, len(positions)))
+            elapsed = time.perf_counter() - window_start
+            metrics["pairs_per_second"] = sum(w[3] for w in window) / max(elapsed, 1e-9)
+            bar.update(metrics)
+            done = step + 1
+            if done % cfg.logging_steps == 0 or done == total_steps:
+                last = log_window(metrics_file, window, elapsed, done, epoch + (index + 1) / steps_per_epoch, lr)
+                window, window_start = [], time.perf_counter()
+            if cfg.eval_steps and done % cfg.eval_steps == 0 and done != total_steps:
+                result = evaluate(done)
+                if result:
+                    bar.write(f"step {done}: eval reward accuracy {result['rewards/accuracies']:.3f}, "
+                              f"margin {result['rewards/margins']:.4f}, loss {result['loss']:.4f}")
+            stopping = stop.requested and done != total_steps
+            if ((cfg.save_steps and done % cfg.save_steps == 0 and done != total_steps) or stopping) and main:
+                save_checkpoint(cfg.output_dir, done, accelerator.unwrap_model(model), optimizer, scheduler,
+                                {"step": done, "epoch": epoch, "batch_in_epoch": index + 1,
+                                 "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                                 "skipped_steps": skipped, "bad_in_row": bad_in_row},
+                                keep=cfg.save_total_limit, reference=synced)
+            accelerator.wait_for_everyone()
+            if stopping:
+                bar.close()
+                log(f"fastdpo: {stop.requested}: stopped after step {done} of {total_steps}; checkpoint written, "
+                    f"continue with the same command plus --resume")
+                return TrainResult(cfg.output_dir, done, eval_before, None, last, stopped=True)
+    finally:
+        stop.uninstall()
     bar.close()
 
     eval_after = evaluate(total_steps)
