@@ -114,7 +114,8 @@ class Config:
             bad("discopop_tau", f"must be > 0, got {self.discopop_tau}")
         if self.ref_model and self.reference == "copy":
             self.reference = "model"
-        choices = {"reference": ("copy", "model", "none", "precomputed"), "lr_scheduler": ("constant", "linear", "cosine"),
+        choices = {"reference": ("copy", "model", "none", "precomputed"),
+                   "lr_scheduler": ("constant", "linear", "cosine"),
                    "precision": ("fp32", "bf16", "fp16"), "on_bad_record": ("error", "skip")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

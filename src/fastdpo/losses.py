@@ -27,8 +27,8 @@ def sigmoid(pc, pr, rc, rr, *, beta: float, label_smoothing: float = 0.0, **_) -
     """DPO, Eq 7 of arXiv:2305.18290: `-log σ(β·logits)`.
 
     With `label_smoothing = ε > 0` this is conservative DPO (cDPO, Mitchell 2023): the labels are flipped with
-    probability ε, `-(1-ε)·log σ(β·logits) - ε·log σ(-β·logits)`. (TRL 1.16's `sigmoid` ignores label smoothing;
-    at ε = 0 the two are identical.)
+    probability ε, `-(1-ε)·log σ(β·logits) - ε·log σ(-β·logits)`. (TRL 1.16's `sigmoid` ignores label
+    smoothing; at ε = 0 the two are identical.)
     """
     cl, rl = _logratios(pc, pr, rc, rr)
     logits = beta * (cl - rl)
