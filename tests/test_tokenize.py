@@ -111,3 +111,21 @@ def test_prompt_ids_are_a_prefix_of_joint_tokenization(add_bos):
     prompt, chosen, _, mismatches = encode_record(text("What colour is the sky ?", " It is blue .", " no"), tok)
     joint = tok("What colour is the sky ? It is blue .")["input_ids"]
     assert prompt + chosen[:-1] == joint and mismatches == 0
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_chat_and_implicit_records_on_both_tokenizer_kinds(add_bos):
+    """The chat template writes its own BOS, so chat ids are the same for both kinds; implicit text prompts get
+    the tokenizer's BOS only when it adds one."""
+    from fastdpo.data import Fields, parse_record
+
+    tok = word_tokenizer(add_bos=add_bos)
+    user = [{"role": "user", "content": "What colour is the sky ?"}]
+    chat = Record(user, [{"role": "assistant", "content": "blue"}], [{"role": "assistant", "content": "no"}], "t")
+    prompt, chosen, rejected, mismatches = encode_record(chat, tok)
+    assert prompt == ids("<s>", "<|user|>", "What", "colour", "is", "<unk>", "sky", "?", "<|end|>", "<|assistant|>")
+    assert chosen == ids("blue", "<|end|>", "</s>") and rejected == ids("no", "<|end|>", "</s>")
+    implicit = parse_record({"chosen": "It is hot", "rejected": "It is cold"}, Fields(), "t")
+    prompt, chosen, rejected, _ = encode_record(implicit, tok)
+    assert prompt == (ids("<s>") if add_bos else []) + ids("It", "is")
+    assert chosen == ids("hot", "</s>") and rejected == ids("cold", "</s>")
