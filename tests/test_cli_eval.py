@@ -77,8 +77,12 @@ def test_bad_record_is_one_line_without_traceback(models, tmp_path):
 
 def test_skip_bad_records_reports_the_count(models, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], "{oops", ROWS[1]])
-    out = run_cli(eval_args(models, data, "--json", "--on_bad_record", "skip"), capsys)
+    per_pair = tmp_path / "pairs.jsonl"
+    out = run_cli(eval_args(models, data, "--json", "--on_bad_record", "skip", "--per_pair_out", str(per_pair)),
+                  capsys)
     assert json.loads(out.splitlines()[-1])["pairs"] == 2
+    # indices are positions in the file, the skipped line included
+    assert [json.loads(line)["index"] for line in per_pair.read_text().splitlines()] == [0, 2]
     assert "skipped 1 bad records" in run_cli.last_stderr
 
 

@@ -30,8 +30,7 @@ def test_unknown_yaml_key_names_the_key(tmp_path):
 def test_unknown_flag_and_bad_values_exit_2():
     for argv, message in ((["--lr", "1"], "unknown flag --lr"), (["--batch_size", "1.5"], "--batch_size: expected int"),
                           (["--reference", "none"], "--reference: 'none' works only"),
-                          (["--precision", "fp8"], "--precision: must be one of"),
-                          (["--resume", "--overwrite"], "contradict")):
+                          (["--precision", "fp8"], "--precision: must be one of")):
         with pytest.raises(UserError, match=message) as err:
             build_config(argv)
         assert err.value.exit_code == 2
@@ -53,3 +52,12 @@ def test_every_field_has_help():
 
     for f in dataclasses.fields(Config):
         assert f.metadata.get("help"), f.name
+
+
+def test_resume_wins_over_a_saved_overwrite():
+    assert build_config(["--resume", "--overwrite"]).overwrite is False
+
+
+def test_reference_free_losses_default_to_no_reference():
+    assert build_config(["--loss", "simpo"]).reference == "none"
+    assert build_config(["--loss", "simpo", "--ref_model", "x"]).reference == "model"

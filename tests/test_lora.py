@@ -195,3 +195,37 @@ def test_reference_none_with_simpo_never_builds_a_reference(base, tmp_path, monk
 def test_reference_and_lora_misuse_is_a_clear_error(base, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
         train(build_config(flags(base, tmp_path / "out", *extra)))
+
+
+def test_a_bad_adapter_path_is_one_line(base, tmp_path, capsys):
+    run_cli(["train", *flags(base, tmp_path / "out", "--adapter", str(tmp_path / "nope"))], capsys, expect_code=1)
+    assert "--adapter" in run_cli.last_stderr and "Traceback" not in run_cli.last_stderr
+
+
+def test_adapter_reference_has_no_dropout(base, trained, tmp_path):
+    """A starting adapter saved with dropout 0.5: its frozen "ref" copy must still score deterministically."""
+    import fastdpo.train as train_module
+
+    out, batch, seen = trained
+    config = json.loads((out / "adapter_config.json").read_text())
+    noisy = tmp_path / "noisy"
+    noisy.mkdir()
+    (noisy / "adapter_config.json").write_text(json.dumps(dict(config, lora_dropout=0.5)))
+    (noisy / "adapter_model.safetensors").write_bytes((out / "adapter_model.safetensors").read_bytes())
+    refs = []
+    build = train_module.build_reference
+
+    def capture(*args):
+        reference = build(*args)
+        args[1].train()
+        refs.extend([reference(batch)[0], reference(batch)[0]])
+        return reference
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train_module, "build_reference", capture)
+    try:
+        train(build_config(flags(base, tmp_path / "o", "--adapter", str(noisy), "--max_steps", "1")))
+    finally:
+        mp.undo()
+    torch.testing.assert_close(refs[0], refs[1], atol=0, rtol=0)
+    torch.testing.assert_close(refs[0], seen["policy"], atol=1e-4, rtol=0)  # the ref copy is the trained adapter

@@ -195,3 +195,13 @@ def test_closed_form_optimum(tmp_path, capsys):
         assert start > 0.1  # the check is not trivially met by the reference itself
         implied = beta * (pol_logps - ref_logps)  # the implicit reward recovers r up to a constant
         torch.testing.assert_close(implied - implied.mean(), torch.tensor(r) - sum(r) / 3, atol=0.05, rtol=0)
+
+
+def test_resume_with_a_different_schedule_is_refused(base, tmp_path, capsys):
+    run(base, tmp_path / "o", "--max_steps", "4", "--save_steps", "2", "--eval_data", base[2])
+    (tmp_path / "o" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="resume with the same data, batch_size"):
+        run(base, tmp_path / "o", "--max_steps", "6", "--save_steps", "2", "--resume")
+    # the same schedule resumes, and keeps the held-out metrics from before training
+    result = run(base, tmp_path / "o", "--max_steps", "4", "--save_steps", "2", "--resume", "--eval_data", base[2])
+    assert result.eval_before is not None and result.eval_before["rewards/accuracies"] == 0.0

@@ -36,7 +36,7 @@ LATEST = "latest"  # text file in checkpoints/ naming the newest complete checkp
 
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, state: dict, keep: int = 0,
-                    reference=None) -> str:
+                    reference=None, scaler=None) -> str:
     """Write `checkpoints/step-N/` through a temporary directory and a rename, then point `latest` at it.
 
     A kill at any moment leaves either the previous `latest` or the new one, each complete.
@@ -49,6 +49,8 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, sta
     if reference is not None:  # TR-DPO moves the reference: it is part of the training state
         reference.save_pretrained(os.path.join(tmp, "reference"), safe_serialization=True)
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    if scaler is not None:  # fp16 loss scale
+        torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
     torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -82,7 +84,7 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return path if os.path.isfile(os.path.join(path, "trainer_state.json")) else None
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, reference=None) -> dict:
+def load_checkpoint(path: str, model, optimizer, scheduler, reference=None, scaler=None) -> dict:
     """Restore weights, optimizer, scheduler and RNG states; return the trainer state (step, epoch, ...)."""
     load_weights(model, path)
     if reference is not None:
@@ -90,6 +92,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler, reference=None) -> d
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
     set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=True))
+    if scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
+        scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=True))
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)
 

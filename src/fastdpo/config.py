@@ -14,6 +14,12 @@ from fastdpo.errors import UserError
 from fastdpo.losses import LOSSES, REFERENCE_FREE
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help}, **kw)
 
@@ -114,6 +120,8 @@ class Config:
             bad("discopop_tau", f"must be > 0, got {self.discopop_tau}")
         if self.ref_model and self.reference == "copy":
             self.reference = "model"
+        if self.loss in REFERENCE_FREE and self.reference == "copy":
+            self.reference = "none"  # nothing to copy: simpo and orpo never use a reference
         choices = {"reference": ("copy", "model", "none", "precomputed"),
                    "lr_scheduler": ("constant", "linear", "cosine"),
                    "precision": ("fp32", "bf16", "fp16"), "on_bad_record": ("error", "skip")}
@@ -145,6 +153,8 @@ class Config:
         lora = self.lora_r > 0 or self.adapter
         if self.merge_lora and not lora:
             bad("merge_lora", "needs LoRA (--lora_r R or --adapter DIR)")
+        if self.precision == "fp16" and not _cuda():
+            bad("precision", "fp16 autocast needs a CUDA GPU; on CPU use --precision bf16 (or fp32)")
         if self.load_in_4bit and not lora:
             bad("load_in_4bit", "a 4-bit base cannot be trained directly; add --lora_r R (QLoRA)")
         if not 0 <= self.lora_dropout < 1:
@@ -156,11 +166,11 @@ class Config:
                                   "change (use --reference copy)")
         if self.ref_sync_steps and self.reference == "none":
             bad("ref_sync_steps", "there is no reference to update with --reference none")
-        if self.ref_sync_steps and lora and not self.ref_model:
-            bad("ref_sync_steps", "with LoRA the reference is the base with adapters off and cannot be softly "
-                                  "updated; give --ref_model DIR for a separate reference")
-        if self.resume and self.overwrite:
-            bad("resume", "--resume and --overwrite contradict each other; choose one")
+        if self.ref_sync_steps and lora:
+            bad("ref_sync_steps", "TR-DPO with LoRA is not supported: the reference is the base with adapters off "
+                                  "and cannot be softly updated toward the adapted policy")
+        if self.resume:
+            self.overwrite = False  # resuming never clears the directory (and a saved config may carry it)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)

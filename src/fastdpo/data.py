@@ -23,6 +23,7 @@ class Record:
     chosen: str | Messages
     rejected: str | Messages
     where: str  # "file.jsonl:12", for messages that point at the source
+    position: int | None = None  # the record's position in the source, bad records included
 
 
 @dataclass
@@ -51,11 +52,13 @@ def load_records(
     if on_bad_record not in ("error", "skip"):
         raise UserError(f"--on_bad_record must be 'error' or 'skip', got {on_bad_record!r}", exit_code=2)
     result = LoadResult(records=[])
-    for where, raw in _iter_raw(path, split):
+    for position, (where, raw) in enumerate(_iter_raw(path, split)):
         try:
             if isinstance(raw, BadRecord):
                 raise raw
-            result.records.append(parse_record(raw, fields, where))
+            record = parse_record(raw, fields, where)
+            record.position = position
+            result.records.append(record)
         except BadRecord as e:
             if on_bad_record == "error":
                 raise UserError(f"{where}: {e} (use --on_bad_record skip to skip such records)") from None

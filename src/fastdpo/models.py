@@ -145,9 +145,14 @@ def apply_lora(model, r: int, alpha: float, dropout: float, targets: str, adapte
     no second copy of the model is held."""
     peft = _peft()
     if adapter:
-        model = peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
-        model.load_adapter(adapter, adapter_name="ref", is_trainable=False)
+        try:
+            model = peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
+            model.load_adapter(adapter, adapter_name="ref", is_trainable=False)
+        except Exception as e:  # peft raises ValueError, OSError, KeyError ... for a bad adapter directory
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"--adapter: {adapter}: could not load the LoRA adapter ({first})") from None
         model.set_adapter("default")
+        _set_lora_dropout(model, {"default": dropout, "ref": 0.0})  # the reference is never noisy
         return model
     target_modules = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t]
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
@@ -156,6 +161,15 @@ def apply_lora(model, r: int, alpha: float, dropout: float, targets: str, adapte
         return peft.get_peft_model(model, config)
     except ValueError as e:
         raise UserError(f"--lora_targets: {e}", exit_code=2) from None
+
+
+def _set_lora_dropout(model, rates: dict[str, float]) -> None:
+    for module in model.modules():
+        layers = getattr(module, "lora_dropout", None)
+        if isinstance(layers, torch.nn.ModuleDict):
+            for name, rate in rates.items():
+                if name in layers:
+                    layers[name] = torch.nn.Dropout(rate) if rate > 0 else torch.nn.Identity()
 
 
 def is_lora(model) -> bool:

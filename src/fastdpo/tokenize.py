@@ -83,7 +83,7 @@ def tokenize_records(
         pair = truncate_pair(prompt, chosen, rejected, max_length, max_prompt_length, stats,
                              bos_id=tokenizer.bos_token_id)
         if pair is not None:
-            pairs.append(TokenizedPair(*pair, index=index))
+            pairs.append(TokenizedPair(*pair, index=index if record.position is None else record.position))
     stats.pairs = len(pairs)
     return pairs, stats
 

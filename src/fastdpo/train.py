@@ -125,7 +125,17 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
     start_step = 0
     if resume_from:
         clean_partial_checkpoints(cfg.output_dir)
-        state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler, synced)
+        try:
+            state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler, synced,
+                                    scaler=accelerator.scaler)
+        except (AssertionError, ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"--resume: {resume_from} does not match this run's model or optimizer settings "
+                            f"({str(e).splitlines()[0][:160]})", exit_code=2) from None
+        if (state.get("steps_per_epoch"), state.get("total_steps")) != (steps_per_epoch, total_steps):
+            raise UserError(f"--resume: {resume_from} was written by a run with {state.get('total_steps')} steps "
+                            f"of {state.get('steps_per_epoch')} per epoch; this one has {total_steps} of "
+                            f"{steps_per_epoch}: resume with the same data, batch_size, epochs and max_steps",
+                            exit_code=2)
         start_step = state["step"]
         log(f"fastdpo: resumed from {resume_from} at step {start_step}")
     elif main:
@@ -146,7 +156,7 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
         metrics_file.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         return metrics
 
-    eval_before = evaluate(start_step) if start_step == 0 else None
+    eval_before = evaluate(start_step) if start_step == 0 else state.get("eval_before")
     if eval_before:
         log(f"eval before training: reward accuracy {eval_before['rewards/accuracies']:.3f}, "
             f"margin {eval_before['rewards/margins']:.4f}, loss {eval_before['loss']:.4f}")
@@ -184,11 +194,17 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
             lr = scheduler.get_last_lr()[0]
             metrics = gather_means(accelerator, parts)
             finite = math.isfinite(grad_norm) and math.isfinite(metrics["loss"])
-            if finite:
+            if accelerator.scaler is not None:  # fp16 on GPU: the grad scaler skips overflowing steps itself
+                optimizer.step()
+                finite = finite and not accelerator.optimizer_step_was_skipped
+                if finite:
+                    scheduler.step()
+                    bad_in_row = 0
+            elif finite:
                 optimizer.step()
                 scheduler.step()
                 bad_in_row = 0
-            else:  # skip the update; the data position still advances, so a resumed run skips the same step
+            if not finite:  # skip the update; the data position still advances, so a resumed run skips it too
                 skipped, bad_in_row = skipped + 1, bad_in_row + 1
                 log(f"fastdpo: step {step + 1}: non-finite loss or gradients, update skipped ({bad_in_row} in a row)")
             optimizer.zero_grad(set_to_none=True)
@@ -220,8 +236,8 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
                 save_checkpoint(cfg.output_dir, done, accelerator.unwrap_model(model), optimizer, scheduler,
                                 {"step": done, "epoch": epoch, "batch_in_epoch": index + 1,
                                  "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                                 "skipped_steps": skipped, "bad_in_row": bad_in_row},
-                                keep=cfg.save_total_limit, reference=synced)
+                                 "skipped_steps": skipped, "bad_in_row": bad_in_row, "eval_before": eval_before},
+                                keep=cfg.save_total_limit, reference=synced, scaler=accelerator.scaler)
             accelerator.wait_for_everyone()
             if stopping:
                 bar.close()
@@ -307,7 +323,9 @@ def clip_and_norm(accelerator, model, max_grad_norm: float) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     if max_grad_norm > 0:
         return float(accelerator.clip_grad_norm_(params, max_grad_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+    if not params:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])))
 
 
 def gather_means(accelerator, parts: list[dict]) -> dict:
