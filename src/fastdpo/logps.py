@@ -68,9 +68,9 @@ def head_logps(head, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int
 class ChunkedHeadLogps(torch.autograd.Function):
     """`log_softmax(hidden @ W.T + b)[label]` computed `chunk` rows at a time; backward recomputes each chunk.
 
-    d logp / d logits = onehot(label) - softmax(logits), so each chunk's gradient needs only its own recomputed
-    logits. Matmuls run in the autocast dtype when autocast is on (as nn.Linear would); the (log-)softmax is
-    computed in float32 straight from the matmul's output (`dtype=torch.float32`, no separate cast pass).
+    d logp / d logits = onehot(label) - softmax(logits), so each chunk's gradient needs only its own logits and
+    the log-sum-exp kept from the forward pass (M floats). Matmuls run in the autocast dtype when autocast is on
+    (as nn.Linear would); the softmax arithmetic is float32.
     """
 
     @staticmethod
@@ -79,18 +79,19 @@ class ChunkedHeadLogps(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None  # cast once, not per chunk
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (M,)
+        lse = torch.empty_like(out)  # (M,) log-sum-exp of each row's logits
         with torch.autocast(device, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
-                logits = _logits(hidden[s : s + chunk], w, b)  # (c, V) in the matmul dtype
-                logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (c, V) float32
-                out[s : s + chunk] = logp.gather(-1, labels[s : s + chunk, None]).squeeze(-1)
-        ctx.save_for_backward(hidden, weight, bias, labels)
+                logits = _logits(hidden[s : s + chunk], w, b)  # (c, V) float32
+                lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
+                out[s : s + chunk] = logits.gather(-1, labels[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk, ctx.dtype = chunk, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, labels = ctx.saved_tensors
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
         dtype, device = ctx.dtype, hidden.device.type
         w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]  # a frozen lm_head (LoRA) needs no grad
@@ -100,18 +101,17 @@ class ChunkedHeadLogps(torch.autograd.Function):
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
         with torch.autocast(device, enabled=False):
             for s in range(0, hidden.shape[0], ctx.chunk):
-                h, g = hidden[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None].float()  # (c, H), (c, 1)
-                probs = torch.softmax(_logits(h, w, b), dim=-1, dtype=torch.float32)  # (c, V)
-                # grad_logits = g * (onehot - softmax), written once in the matmul dtype
-                gl = probs.mul_(-g) if dtype == torch.float32 else torch.mul(probs, -g, out=torch.empty_like(
-                    probs, dtype=dtype))
-                gl.scatter_add_(-1, labels[s : s + ctx.chunk, None], g.to(dtype))
+                h, g = hidden[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None]  # (c, H), (c, 1)
+                # grad_logits = g * (onehot - softmax), built in place in the recomputed logits' buffer
+                grad_logits = _logits(h, w, b).sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g)  # (c, V)
+                grad_logits.scatter_add_(-1, labels[s : s + ctx.chunk, None], g.float())
+                gl = grad_logits.to(dtype)
                 if need_hidden:
                     grad_hidden[s : s + ctx.chunk] = (gl @ w).to(hidden.dtype)  # (c, H)
                 if need_weight:
-                    grad_weight.add_(gl.t() @ h.to(dtype))  # (V, H), accumulated in float32
+                    grad_weight.add_((gl.t() @ h.to(dtype)).float())  # (V, H)
                 if need_bias:
-                    grad_bias += gl.float().sum(0)
+                    grad_bias += grad_logits.sum(0)
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None
@@ -119,7 +119,9 @@ class ChunkedHeadLogps(torch.autograd.Function):
 
 def _logits(hidden, weight, bias) -> torch.Tensor:
     logits = hidden.to(weight.dtype) @ weight.t()  # (c, V)
-    return logits + bias if bias is not None else logits
+    if bias is not None:
+        logits = logits + bias
+    return logits.float()
 
 
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
