@@ -105,3 +105,9 @@ def load_state(path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(os.path.join(path, "model.safetensors"))
+
+
+def model_and_pairs(tmp_path_factory, name: str, seed: int, rows: int) -> tuple:
+    """(root, model dir, pairs.jsonl): a tiny random model and the first `rows` example pairs, for training tests."""
+    root = tmp_path_factory.mktemp(name)
+    return root, make_model_dir(root / "model", seed=seed), write_jsonl(root / "pairs.jsonl", example_rows(rows))

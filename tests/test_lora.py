@@ -14,15 +14,12 @@ from fastdpo.errors import UserError  # noqa: E402
 from fastdpo.logps import sequence_logps  # noqa: E402
 from fastdpo.train import train  # noqa: E402
 
-from conftest import example_rows, load_state, make_model_dir, run_cli, write_jsonl  # noqa: E402
+from conftest import load_state, model_and_pairs, run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora")
-    model = make_model_dir(root / "model", seed=6)
-    data = write_jsonl(root / "pairs.jsonl", example_rows(16))
-    return root, model, data
+    return model_and_pairs(tmp_path_factory, "lora", seed=6, rows=16)
 
 
 def flags(base, out, *extra):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 
 def test_quickstart_in_an_empty_directory(tmp_path):

@@ -1,7 +1,6 @@
 """`fastdpo train`: accumulation, frozen reference, exact resume, outputs, and the DPO closed form."""
 
 import json
-import math
 import os
 
 import pytest
@@ -11,15 +10,12 @@ from fastdpo.config import build_config
 from fastdpo.errors import UserError
 from fastdpo.train import train
 
-from conftest import example_rows, load_state, make_model_dir, run_cli, write_jsonl
+from conftest import load_state, make_model_dir, model_and_pairs, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    model = make_model_dir(root / "model", seed=3)
-    data = write_jsonl(root / "pairs.jsonl", example_rows(24))
-    return root, model, data
+    return model_and_pairs(tmp_path_factory, "train", seed=3, rows=24)
 
 
 def run(base, out, *flags):

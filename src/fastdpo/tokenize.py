@@ -29,6 +29,11 @@ class TokenizedPair:
     index: int  # position of the record in the loaded data, kept through drops for per-pair outputs
     reference_logps: tuple[float, float] | None = None  # precomputed (chosen, rejected) reference log-probs
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the pair's two sequences, prompt + chosen and prompt + rejected (the usual tokens/s count)."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
 
 @dataclass
 class TokenizeStats:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -166,8 +167,7 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
     bar = ProgressBar(total_steps, initial=start_step, enabled=cfg.progress and main)
     window, window_start, last = [], time.perf_counter(), None
     orders = {}
-    lengths = [2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs] \
-        if cfg.group_by_length else None
+    lengths = [p.num_tokens for p in pairs] if cfg.group_by_length else None
     skipped, bad_in_row = (state.get("skipped_steps", 0), state.get("bad_in_row", 0)) if resume_from else (0, 0)
     stop = StopOnSignal().install()  # SIGTERM / first Ctrl-C: finish the step, checkpoint, exit 0
     try:
@@ -183,28 +183,24 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
             for k, chunk in enumerate(micro_batches):
                 chunk_pairs = [pairs[i] for i in chunk]
                 batch = policy_scorer.collate(chunk_pairs).to(device)
-                sync = accelerator.no_sync(model) if k < len(micro_batches) - 1 else _null()
+                sync = accelerator.no_sync(model) if k < len(micro_batches) - 1 else contextlib.nullcontext()
                 with sync, accelerator.autocast():
                     scored = score_batch(policy_scorer, ref_scorer, batch, chunk_pairs, cfg, device)
                     accelerator.backward(scored.losses.sum() * scale)
                 parts.append(scored.metrics)
-                tokens += sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in chunk_pairs)
+                tokens += sum(p.num_tokens for p in chunk_pairs)
                 padding.append(batch.padding_share)
             grad_norm = clip_and_norm(accelerator, model, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             metrics = gather_means(accelerator, parts)
             finite = math.isfinite(grad_norm) and math.isfinite(metrics["loss"])
-            if accelerator.scaler is not None:  # fp16 on GPU: the grad scaler skips overflowing steps itself
+            if finite or accelerator.scaler is not None:  # fp16's grad scaler must see every step to lower its scale
                 optimizer.step()
                 finite = finite and not accelerator.optimizer_step_was_skipped
-                if finite:
-                    scheduler.step()
-                    bad_in_row = 0
-            elif finite:
-                optimizer.step()
+            if finite:
                 scheduler.step()
                 bad_in_row = 0
-            if not finite:  # skip the update; the data position still advances, so a resumed run skips it too
+            else:  # skip the update; the data position still advances, so a resumed run skips it too
                 skipped, bad_in_row = skipped + 1, bad_in_row + 1
                 log(f"fastdpo: step {step + 1}: non-finite loss or gradients, update skipped ({bad_in_row} in a row)")
             optimizer.zero_grad(set_to_none=True)
@@ -257,12 +253,6 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
 
 
 # --- helpers of the loop ------------------------------------------------------------------------------------------
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def disable_dropout(model) -> None:
