@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from fastdpo.batching import collate_concatenated, collate_packed
-from fastdpo.logps import Scorer, sequence_logps, split_pairs
+from fastdpo.logps import ChunkedHeadLogps, Scorer, sequence_logps, split_pairs
 from fastdpo.tokenize import TokenizedPair
 
 from conftest import tiny_llama
@@ -170,3 +170,54 @@ def test_chunked_head_with_a_frozen_lm_head_gives_the_same_hidden_gradients():
         grads.append(model.model.layers[0].mlp.up_proj.weight.grad.clone())
         assert (model.lm_head.weight.grad is None) == frozen
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def _plain_head_logps(hidden, weight, bias, labels):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()  # (M, V)
+    return torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("confident", [False, True])
+def test_chunked_head_equals_autograd_of_the_full_log_softmax(confident):
+    """Values and all three gradients (hidden, weight, bias) against plain autograd in float32; `confident` gives
+    the labels probabilities of about 0.999, where the small 1 - p must not be lost."""
+    torch.manual_seed(0)
+    M, H, V = 11, 12, 17
+    hidden, weight, bias = torch.randn(M, H), torch.randn(V, H) * 0.1, torch.randn(V) * 0.1
+    labels = torch.randperm(V)[:M]
+    if confident:  # row i's hidden is ~e_i and its label's weight row 10 e_i: the label logit leads by ~10
+        hidden = torch.eye(M, H) + 0.01 * hidden
+        weight[labels] += 10 * torch.eye(M, H)
+    grad_out = torch.randn(M)
+    results = []
+    for fn in (_plain_head_logps, lambda h, w, b, y: ChunkedHeadLogps.apply(h, w, b, y, 4)):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        out = fn(h, w, b, labels)
+        out.backward(grad_out)
+        results.append((out.detach(), h.grad, w.grad, b.grad))
+    if confident:
+        assert 0.99 < results[0][0].exp().min() and results[0][0].exp().max() < 0.9999
+    for plain, chunked in zip(*results):
+        torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_head_in_bf16_keeps_a_confident_tokens_gradient():
+    """Under bf16 autocast the softmax is stored in bf16; the label entry is set to p - 1 from the float32 output,
+    so a token with p = 0.999 still gets the gradient (1 - p) * W[label] - ... to bf16 accuracy (not 2**-8 / 1e-3
+    = 400% off, which is what rounding p to bf16 before subtracting 1 would give)."""
+    torch.manual_seed(0)
+    M, H, V = 8, 16, 64
+    hidden = torch.eye(M, H) + 0.01 * torch.randn(M, H)  # row i ~ e_i
+    weight = torch.randn(V, H) * 0.1
+    labels = torch.randperm(V)[:M]
+    weight[labels] += 11 * torch.eye(M, H)  # the label logit leads by ~11
+    grads = []
+    for autocast in (False, True):
+        h = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = ChunkedHeadLogps.apply(h, weight, None, labels, 3)
+        out.sum().backward()
+        grads.append(h.grad)
+    assert 0.99 < out.exp().min() and out.exp().max() < 0.9999
+    rel = (grads[1] - grads[0]).norm(dim=-1) / grads[0].norm(dim=-1)
+    assert rel.max() < 0.05, rel

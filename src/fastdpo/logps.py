@@ -68,9 +68,10 @@ def head_logps(head, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int
 class ChunkedHeadLogps(torch.autograd.Function):
     """`log_softmax(hidden @ W.T + b)[label]` computed `chunk` rows at a time; backward recomputes each chunk.
 
-    d logp / d logits = onehot(label) - softmax(logits), so each chunk's gradient needs only its own logits and
-    the log-sum-exp kept from the forward pass (M floats). Matmuls run in the autocast dtype when autocast is on
-    (as nn.Linear would); the softmax arithmetic is float32.
+    d logp / d logits = onehot(label) - softmax(logits), so each chunk's gradient needs only its own recomputed
+    logits and the forward's output (M floats). Matmuls run in the autocast dtype when autocast is on (as
+    nn.Linear would); the softmax arithmetic is float32. Softmax kernels work row by row, so a (c, V) chunk is
+    read from memory a few times rather than once per elementwise op.
     """
 
     @staticmethod
@@ -79,19 +80,17 @@ class ChunkedHeadLogps(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None  # cast once, not per chunk
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (M,)
-        lse = torch.empty_like(out)  # (M,) log-sum-exp of each row's logits
         with torch.autocast(device, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
-                logits = _logits(hidden[s : s + chunk], w, b)  # (c, V) float32
-                lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
-                out[s : s + chunk] = logits.gather(-1, labels[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+                logits = _logits(hidden[s : s + chunk], w, b).float()  # (c, V)
+                out[s : s + chunk] = torch.log_softmax(logits, -1).gather(-1, labels[s : s + chunk, None]).squeeze(-1)
+        ctx.save_for_backward(hidden, weight, bias, labels, out)
         ctx.chunk, ctx.dtype = chunk, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        hidden, weight, bias, labels, logps = ctx.saved_tensors
         dtype, device = ctx.dtype, hidden.device.type
         w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]  # a frozen lm_head (LoRA) needs no grad
@@ -101,27 +100,27 @@ class ChunkedHeadLogps(torch.autograd.Function):
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
         with torch.autocast(device, enabled=False):
             for s in range(0, hidden.shape[0], ctx.chunk):
-                h, g = hidden[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None]  # (c, H), (c, 1)
-                # grad_logits = g * (onehot - softmax), built in place in the recomputed logits' buffer
-                grad_logits = _logits(h, w, b).sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g)  # (c, V)
-                grad_logits.scatter_add_(-1, labels[s : s + ctx.chunk, None], g.float())
-                gl = grad_logits.to(dtype)
+                h, g, lab = hidden[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None], labels[s : s + ctx.chunk]
+                # d logp / d logits = -(softmax - onehot): the softmax is taken in float32 inside the kernel and
+                # stored in the matmul dtype; the label entries are set to p - 1 from the float32 forward output,
+                # so a confident prediction's small 1 - p is not lost to rounding. g scales the (c, H) side.
+                probs = torch.softmax(_logits(h, w, b), -1)  # (c, V)
+                probs.scatter_(-1, lab[:, None], (logps[s : s + ctx.chunk, None].exp() - 1).to(probs.dtype))
                 if need_hidden:
-                    grad_hidden[s : s + ctx.chunk] = (gl @ w).to(hidden.dtype)  # (c, H)
+                    grad_hidden[s : s + ctx.chunk] = ((probs @ w).float() * -g).to(hidden.dtype)  # (c, H)
                 if need_weight:
-                    grad_weight.add_((gl.t() @ h.to(dtype)).float())  # (V, H)
+                    grad_weight.sub_((probs.t() @ (h.float() * g).to(dtype)).float())  # (V, H)
                 if need_bias:
-                    grad_bias += grad_logits.sum(0)
+                    grad_bias.sub_((g.t().to(dtype) @ probs).float().squeeze(0))
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def _logits(hidden, weight, bias) -> torch.Tensor:
+    """hidden @ W.T + b in the weight's dtype. Shape: (c, H) -> (c, V)."""
     logits = hidden.to(weight.dtype) @ weight.t()  # (c, V)
-    if bias is not None:
-        logits = logits + bias
-    return logits.float()
+    return logits + bias if bias is not None else logits
 
 
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
