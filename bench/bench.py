@@ -416,6 +416,56 @@ def print_curve(curve: dict) -> None:
                 print(f"         {tool} failed: {tools[tool]['error'][:300]}")
 
 
+def run_processes(args, base: dict, workdir: str, precisions: list[str]) -> dict:
+    """fastdpo pairs/s with 1, 2, ... data-parallel processes (torchrun, gloo on CPU), each run `repeats` times.
+
+    Each run is the CLI in its own process tree, timed from launch to exit (imports and start-up included, the
+    same for every process count); one process uses every core's thread, N processes one thread each."""
+    counts = [int(n) for n in args.processes.split(",")]
+    out = {}
+    for precision in precisions:
+        out[precision] = {}
+        for n in counts:
+            runs = []
+            for rep in range(args.repeats):
+                wait_idle(args.wait_idle)
+                dest = tempfile.mkdtemp(prefix=f"procs{n}-{precision}-", dir=workdir)
+                cmd = ["-m", "fastdpo", "train", "--model", base["model"], "--data", base["data"], "--output_dir",
+                       os.path.join(dest, "out"), "--batch_size", str(base["batch"]), "--epochs", "1",
+                       "--learning_rate", str(LR), "--beta", str(BETA), "--progress", "false", "--precision",
+                       precision, "--logging_steps", "1", "--ref_cache_dir", "off", *base["fast_flags"]]
+                env = dict(os.environ)
+                if n > 1:
+                    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)] + cmd
+                    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or n) // n))
+                log(f"fastdpo {precision}, {n} process(es), run {rep + 1}/{args.repeats}")
+                start = time.perf_counter()
+                proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env,
+                                      timeout=args.timeout)
+                wall = time.perf_counter() - start
+                if proc.returncode:
+                    runs.append({"error": proc.stderr[-500:]})
+                    log("  -> FAILED: " + proc.stderr[-300:])
+                    continue
+                with open(os.path.join(dest, "out", "metrics.jsonl"), encoding="utf-8") as f:
+                    rates = [json.loads(line)["pairs_per_second"] for line in f if "pairs_per_second" in line]
+                runs.append({"wall_s": wall, "steady": statistics.median(rates[1:])})
+                log(f"  -> {wall:.1f} s, steady {runs[-1]['steady']:.2f} pairs/s")
+            ok = [r for r in runs if "error" not in r]
+            out[precision][n] = {"pairs_per_s": args.pairs / statistics.median(r["wall_s"] for r in ok),
+                                 "steady": statistics.median(r["steady"] for r in ok), "runs": runs} if ok else \
+                {"runs": runs}
+        print(f"\ndata-parallel processes, {precision}: whole CLI run (launch to exit), median of {args.repeats}")
+        print(f"  {'processes':>10}{'pairs/s':>10}{'steady':>10}{'speed-up':>10}")
+        first = out[precision].get(counts[0], {})
+        for n in counts:
+            r = out[precision][n]
+            up = r["pairs_per_s"] / first["pairs_per_s"] if "pairs_per_s" in r and "pairs_per_s" in first else None
+            print(f"  {n:>10}{fmt(r.get('pairs_per_s'), '.2f'):>10}{fmt(r.get('steady'), '.2f'):>10}"
+                  f"{fmt(up, '.2f'):>10}")
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=96, help="training pairs in the fixture (default 96)")
@@ -425,6 +475,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-main", action="store_true", help="skip the throughput runs (e.g. memory curve only)")
     p.add_argument("--fastdpo-flags", default=None, help="replace FASTDPO_FAST_FLAGS, e.g. \"--packing true\"")
     p.add_argument("--memory-curve", action="store_true", help="also measure peak RSS against sequence length")
+    p.add_argument("--processes", default=None, help="also time fastdpo with these numbers of data-parallel "
+                   "processes, e.g. 1,2 (torchrun; CPU: gloo)")
     p.add_argument("--curve-lengths", default="512,1024,2048,4096,8192", help="sequence lengths of the curve")
     p.add_argument("--timeout", type=float, default=900, help="seconds per child run (default 900)")
     p.add_argument("--wait-idle", type=float, default=0, help="before each run, wait up to this many seconds"
@@ -540,6 +592,8 @@ def main(argv=None) -> None:
             report["results"] = run_main(args, fx, base, workdir, precisions, peaks)
         if args.memory_curve:
             report["memory_curve"] = run_curve(args, base, workdir)
+        if args.processes:
+            report["processes"] = run_processes(args, base, workdir, precisions)
     finally:
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass
 
 import torch
 
 from fastdpo.config import Config
+from fastdpo.errors import UserError
 from fastdpo.logps import Scorer, split_pairs
 from fastdpo.losses import pair_metrics, preference_loss
 from fastdpo.tokenize import TokenizedPair
@@ -29,12 +31,34 @@ def make_accelerator(cfg: Config):
     who calls `train` twice with different precisions gets its precision part reset (the process group stays)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
 
+    # DDP need not broadcast buffers (rotary tables and the like are constants): without that broadcast a forward
+    # involves no other process, so processes may run different numbers of no-grad forwards (eval shards)
+    handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
+    world, device = int(os.environ.get("WORLD_SIZE", "1")), _has_accelerator_device()
+    if world > 1 and not device and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise UserError("FSDP: accelerate runs FSDP on GPUs only; on CPU use configs/accelerate/ddp.yaml (or torchrun)",
+                        exit_code=2)
+    # under a bare `torchrun` accelerate treats several processes without a GPU as one unless told they are CPU
+    # processes
+    kwargs = dict(mixed_precision=precision_name(cfg), kwargs_handlers=handlers, cpu=world > 1 and not device)
     try:
-        return Accelerator(mixed_precision=precision_name(cfg))
+        accelerator = Accelerator(**kwargs)
     except ValueError:
         AcceleratorState._reset_state(reset_partial_state=False)
-        return Accelerator(mixed_precision=precision_name(cfg))
+        accelerator = Accelerator(**kwargs)
+    if accelerator.num_processes != world:  # they would each train alone and overwrite each other's output
+        raise UserError(f"{world} processes were launched but accelerate set up {accelerator.num_processes} "
+                        f"({accelerator.distributed_type.value}); launch with torchrun or a config of "
+                        "configs/accelerate/", exit_code=2)
+    return accelerator
+
+
+def _has_accelerator_device() -> bool:
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, XPU, MPS, ...
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
 
 
 def make_scorer(model, cfg: Config, pad_token_id: int, sample: list[TokenizedPair], device, log=None) -> Scorer:

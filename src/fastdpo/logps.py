@@ -146,6 +146,7 @@ class Scorer:
         self.model, self.pad_token_id = model, pad_token_id
         self.share_prompt, self.pack, self.head = share_prompt, pack, head
         self.chunk_size, self.row_length = chunk_size, row_length
+        self.runner = None  # the data-parallel wrapper of `ScorerModule(self)`, once accelerate has prepared it
 
     @property
     def layout(self) -> tuple:
@@ -159,6 +160,8 @@ class Scorer:
         return collate_concatenated(pairs, self.pad_token_id)
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.runner is not None:
+            return self.runner(batch)
         return sequence_logps(self.model, batch, self.head, self.chunk_size)
 
     @torch.no_grad()
@@ -187,3 +190,20 @@ class Scorer:
         finally:
             self.share_prompt, self.pack = saved
         return bool(torch.allclose(logps, plain, rtol=1e-4, atol=1e-3))
+
+
+class ScorerModule(torch.nn.Module):
+    """A scorer's forward as a module's, for accelerate to wrap. Data-parallel wrappers act in the wrapped module's
+    forward: DDP arms its gradient all-reduce there, FSDP and DeepSpeed ZeRO-3 gather sharded weights. The scorer
+    reaches past the model's own forward (its body, then the chunked head), so the wrapper goes around this."""
+
+    def __init__(self, scorer: Scorer):
+        super().__init__()
+        self.model = scorer.model  # the only submodule: the parameters are the model's
+        self._scorer = (scorer,)  # a tuple, so the scorer is not registered as a submodule
+        # FSDP's transformer-based auto-wrap reads the layer classes to wrap from the module it is given
+        self._no_split_modules = getattr(scorer.model, "_no_split_modules", None)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        scorer = self._scorer[0]
+        return sequence_logps(self.model, batch, scorer.head, scorer.chunk_size)

@@ -62,3 +62,12 @@ def _step(line: str) -> int | None:
         return int(json.loads(line).get("step", 0))
     except (ValueError, AttributeError):
         return None
+
+
+def pooled_means(parts: list[dict]) -> dict:
+    """Per-process means, each with its `pairs` count -> the means over all their pairs."""
+    parts = [p for p in parts if p.get("pairs")]
+    total = sum(p["pairs"] for p in parts)
+    out = {key: sum(p[key] * p["pairs"] for p in parts) / total for key in parts[0] if key != "pairs"}
+    out["pairs"] = total
+    return out

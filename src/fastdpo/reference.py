@@ -17,6 +17,7 @@ import torch
 
 from fastdpo.checkpoint import atomic_write_bytes
 from fastdpo.logps import Scorer, split_pairs
+from fastdpo.parallel import Processes
 from fastdpo.tokenize import TokenizedPair
 
 
@@ -53,25 +54,32 @@ def compute_reference_logps(scorer: Scorer, pairs: list[TokenizedPair], batch_si
             logps, _ = scorer(batch)  # (2b,)
         chosen, rejected = split_pairs(logps.float().cpu())
         out.append(torch.stack([chosen, rejected], dim=1))
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, 2)  # a process's shard can be empty
 
 
 def precompute_reference(scorer: Scorer, pair_sets: dict[str, list[TokenizedPair]], batch_size: int, device,
-                         autocast, precision: str, cache_dir: str | None, log=print) -> None:
-    """Attach `reference_logps` to every pair of every set, from the cache when it has them."""
+                         autocast, precision: str, cache_dir: str | None, log=print,
+                         processes: Processes = Processes()) -> None:
+    """Attach `reference_logps` to every pair of every set, from the cache when it has them.
+
+    With several processes each computes its shard (`processes.shard`) and all of them receive every value; the
+    main process writes the cache. A cache file is used only when every process can read it."""
     from safetensors.torch import load_file, save
 
     weights = weights_digest(scorer.model) if cache_dir else ""
     for name, pairs in pair_sets.items():
         start = time.perf_counter()
         path = os.path.join(cache_dir, cache_key(weights, pairs, precision) + ".safetensors") if cache_dir else None
-        if path and os.path.isfile(path):
+        if path and all(processes.gather(os.path.isfile(path))):
             values = load_file(path)["reference_logps"]
             how = f"loaded from the cache {path}"
         else:
-            values = compute_reference_logps(scorer, pairs, batch_size, device, autocast)
-            how = f"computed in {time.perf_counter() - start:.1f} s"
-            if path:
+            shard = compute_reference_logps(scorer, processes.shard(pairs), batch_size, device, autocast)
+            values = torch.stack(processes.unshard([list(s) for s in processes.gather(shard)])) if \
+                processes.world > 1 else shard  # (N, 2)
+            how = f"computed in {time.perf_counter() - start:.1f} s" + \
+                (f" by {processes.world} processes" if processes.world > 1 else "")
+            if path and processes.main:
                 atomic_write_bytes(path, save({"reference_logps": values.contiguous()}))
                 how += f", cached at {path}"
         assert values.shape == (len(pairs), 2)

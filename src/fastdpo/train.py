@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +24,10 @@ from fastdpo.config import Config
 from fastdpo.data import Fields
 from fastdpo.errors import UserError
 from fastdpo.evaluate import check_sample, evaluate_pairs, make_accelerator, make_scorer, score_batch
-from fastdpo.logps import Scorer
-from fastdpo.metrics import MetricsFile, NoMetricsFile, ProgressBar, mean_metrics
+from fastdpo.logps import Scorer, ScorerModule
+from fastdpo.metrics import MetricsFile, NoMetricsFile, ProgressBar, mean_metrics, pooled_means
 from fastdpo.models import apply_lora, is_lora, load_model, load_tokenizer, resolve_data
+from fastdpo.parallel import Processes
 from fastdpo.reference import AdapterReference, default_cache_dir, precompute_reference, sync_reference
 from fastdpo.tokenize import load_pairs
 
@@ -69,8 +71,11 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(cfg)
-    main = accelerator.is_main_process
+    processes = Processes.current()  # data-parallel: each process takes every world-th pair of each batch
+    main, world = processes.main, processes.world
+    sharded = check_strategy(accelerator, cfg)
     resume_from = check_output_dir(cfg)
+    processes.barrier()  # every process has checked the output dir before the main one writes to it
     set_seed(cfg.seed)
     log = (lambda text: print(text, file=sys.stderr)) if main else (lambda text: None)
 
@@ -104,12 +109,11 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
         # With --resume the policy has not moved yet here: its weights are still the starting point.
         sets = {"train": pairs, **({"eval": eval_pairs} if eval_pairs else {})}
         precompute_reference(ref_scorer, sets, cfg.eval_batch_size or cfg.micro_batch_size or cfg.batch_size,
-                             device, accelerator.autocast, cfg.precision, reference_cache_dir(cfg), log)
+                             device, accelerator.autocast, cfg.precision, reference_cache_dir(cfg), log, processes)
         ref_scorer = None  # the separate reference model, if any, is freed with it
     if cfg.gradient_checkpointing:
         policy_scorer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    world = accelerator.num_processes
     if cfg.batch_size % world:
         raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} processes", exit_code=2)
     micro = cfg.micro_batch_size or cfg.batch_size // world
@@ -120,15 +124,23 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    model, optimizer = accelerator.prepare(policy, optimizer)
+    # accelerate wraps the scorer's forward (DDP / FSDP / DeepSpeed act there); `policy` stays the model to save
+    with warnings.catch_warnings():  # torch >= 2.10 renames DDP's broadcast_buffers; accelerate passes the old name
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
+        runner, optimizer = accelerator.prepare(ScorerModule(policy_scorer), optimizer)
+    policy_scorer.runner = runner
+    prepare_reference(accelerator, ref_scorer, policy_scorer)
+    if zero3(accelerator):  # ZeRO-3 gathers a weight only inside its module's forward: the lm_head's must run
+        for scorer in (policy_scorer, ref_scorer):
+            if isinstance(scorer, Scorer):
+                scorer.head = "full"
     synced = ref_scorer.model if cfg.ref_sync_steps else None  # TR-DPO: the reference weights that move
 
     start_step = 0
     if resume_from:
         clean_partial_checkpoints(cfg.output_dir)
         try:
-            state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler, synced,
-                                    scaler=accelerator.scaler)
+            state = load_checkpoint(resume_from, policy, optimizer, scheduler, synced, scaler=accelerator.scaler)
         except (AssertionError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"--resume: {resume_from} does not match this run's model or optimizer settings "
                             f"({str(e).splitlines()[0][:160]})", exit_code=2) from None
@@ -150,10 +162,14 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
     def evaluate(step: int) -> dict | None:
         if not eval_pairs:
             return None
-        model.eval()
-        metrics, _ = evaluate_pairs(policy_scorer, ref_scorer, eval_pairs, cfg, cfg.eval_batch_size or micro,
-                                    device, accelerator.autocast)
-        model.train()
+        runner.eval()
+        # each process scores its shard; sharded weights (FSDP, ZeRO-3) need every process in every forward, so
+        # there each scores them all
+        share = Processes() if sharded else processes
+        metrics, _ = evaluate_pairs(policy_scorer, ref_scorer, share.shard(eval_pairs), cfg,
+                                    cfg.eval_batch_size or micro, device, accelerator.autocast)
+        metrics = pooled_means(share.gather(metrics)) if share.world > 1 else metrics
+        runner.train()
         metrics_file.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         return metrics
 
@@ -163,7 +179,7 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
             f"margin {eval_before['rewards/margins']:.4f}, loss {eval_before['loss']:.4f}")
 
     # --- the loop ----------------------------------------------------------------------------------------------
-    model.train()
+    runner.train()
     bar = ProgressBar(total_steps, initial=start_step, enabled=cfg.progress and main)
     window, window_start, last = [], time.perf_counter(), None
     orders = {}
@@ -176,23 +192,26 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
             if epoch not in orders:  # the data order is a function of (seed, epoch): resume needs only the step
                 orders = {epoch: batch_order(len(pairs), cfg.batch_size, cfg.shuffle, cfg.seed, epoch, lengths)}
             positions = orders[epoch][index]
-            local = positions[accelerator.process_index :: world]  # this process's shard of the global batch
+            local = processes.shard(positions)  # this process's shard of the global batch
             scale = world / len(positions)  # sum of per-pair losses / global pairs, after DDP averages processes
             parts, tokens, padding = [], 0, []
             micro_batches = [local[i : i + micro] for i in range(0, len(local), micro)]
+            if not micro_batches:  # a short last batch left this process nothing: it still joins the gradient
+                micro_batches, scale = [positions[:1]], 0.0  # all-reduce, with a zero contribution
             for k, chunk in enumerate(micro_batches):
                 chunk_pairs = [pairs[i] for i in chunk]
                 batch = policy_scorer.collate(chunk_pairs).to(device)
-                sync = accelerator.no_sync(model) if k < len(micro_batches) - 1 else contextlib.nullcontext()
+                sync = accelerator.no_sync(runner) if k < len(micro_batches) - 1 else contextlib.nullcontext()
                 with sync, accelerator.autocast():
                     scored = score_batch(policy_scorer, ref_scorer, batch, chunk_pairs, cfg, device)
                     accelerator.backward(scored.losses.sum() * scale)
-                parts.append(scored.metrics)
-                tokens += sum(p.num_tokens for p in chunk_pairs)
-                padding.append(batch.padding_share)
-            grad_norm = clip_and_norm(accelerator, model, cfg.max_grad_norm)
+                if scale:
+                    parts.append(scored.metrics)
+                    tokens += sum(p.num_tokens for p in chunk_pairs)
+                    padding.append(batch.padding_share)
+            grad_norm = clip_and_norm(accelerator, runner, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
-            metrics = gather_means(accelerator, parts)
+            metrics = gather_means(processes, parts)
             finite = math.isfinite(grad_norm) and math.isfinite(metrics["loss"])
             if finite or accelerator.scaler is not None:  # fp16's grad scaler must see every step to lower its scale
                 optimizer.step()
@@ -210,11 +229,11 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
                                 f"loss or gradients (lower --learning_rate, check the data); last good checkpoint: "
                                 f"{last_good or 'none (use --save_steps)'}")
             if synced is not None and (step + 1) % cfg.ref_sync_steps == 0:
-                sync_reference(synced, accelerator.unwrap_model(model), cfg.ref_sync_alpha)
+                sync_reference(synced, policy, cfg.ref_sync_alpha)
 
-            metrics["padding_share"] = sum(padding) / len(padding)
+            metrics["padding_share"] = sum(padding) / max(len(padding), 1)
             metrics["skipped_steps"] = skipped
-            window.append((metrics, grad_norm, tokens * world, len(positions)))
+            window.append((metrics, grad_norm, sum(processes.gather(tokens)), len(positions)))
             elapsed = time.perf_counter() - window_start
             metrics["pairs_per_second"] = sum(w[3] for w in window) / max(elapsed, 1e-9)
             bar.update(metrics)
@@ -227,9 +246,13 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
                 if result:
                     bar.write(f"step {done}: eval reward accuracy {result['rewards/accuracies']:.3f}, "
                               f"margin {result['rewards/margins']:.4f}, loss {result['loss']:.4f}")
-            stopping = stop.requested and done != total_steps
+            # a signal can reach some processes a step before others: they stop together
+            stopping = processes.any(stop.requested) and done != total_steps
+            if stopping and sharded:
+                raise UserError(f"stopped by {stop.requested or 'a signal'} after step {done}: mid-run checkpoints "
+                                "are not supported under FSDP or DeepSpeed yet, nothing was saved")
             if ((cfg.save_steps and done % cfg.save_steps == 0 and done != total_steps) or stopping) and main:
-                save_checkpoint(cfg.output_dir, done, accelerator.unwrap_model(model), optimizer, scheduler,
+                save_checkpoint(cfg.output_dir, done, policy, optimizer, scheduler,
                                 {"step": done, "epoch": epoch, "batch_in_epoch": index + 1,
                                  "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                                  "skipped_steps": skipped, "bad_in_row": bad_in_row, "eval_before": eval_before},
@@ -237,7 +260,7 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
             accelerator.wait_for_everyone()
             if stopping:
                 bar.close()
-                log(f"fastdpo: {stop.requested}: stopped after step {done} of {total_steps}; checkpoint written, "
+                log(f"fastdpo: {stop.requested or 'stop'}: stopped after step {done} of {total_steps}; checkpoint written, "
                     f"continue with the same command plus --resume")
                 return TrainResult(cfg.output_dir, done, eval_before, None, last, stopped=True)
     finally:
@@ -245,14 +268,83 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
     bar.close()
 
     eval_after = evaluate(total_steps)
+    state_dict = full_state_dict(accelerator, runner) if sharded else None  # every process takes part
     if main:
-        save_final(cfg, accelerator.unwrap_model(model), tokenizer, total_steps, eval_before, eval_after)
+        save_final(cfg, policy, tokenizer, total_steps, eval_before, eval_after, state_dict)
         print_summary(cfg, eval_before, eval_after, quickstart)
     accelerator.wait_for_everyone()
     return TrainResult(cfg.output_dir, total_steps, eval_before, eval_after, last)
 
 
 # --- helpers of the loop ------------------------------------------------------------------------------------------
+
+
+def check_strategy(accelerator, cfg: Config) -> bool:
+    """True under FSDP or DeepSpeed: sharded weights and optimizer state, which mid-run checkpoints do not cover
+    yet (the final model is saved)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return False
+    for flag, value in (("--save_steps", cfg.save_steps), ("--resume", cfg.resume), ("--lora_r", cfg.lora_r),
+                        ("--adapter", cfg.adapter), ("--ref_sync_steps", cfg.ref_sync_steps)):
+        if value:
+            raise UserError(f"{flag}: not supported under {kind.value} yet (checkpoints, LoRA and TR-DPO run with "
+                            "DDP or one process)", exit_code=2)
+    if kind == DistributedType.DEEPSPEED:
+        share = cfg.batch_size // accelerator.num_processes
+        if cfg.micro_batch_size and cfg.micro_batch_size != share:
+            raise UserError(f"--micro_batch_size {cfg.micro_batch_size}: DeepSpeed steps its optimizer at every "
+                            f"backward, so a process takes its whole share ({share}) at once here", exit_code=2)
+        # no data loader is prepared, so accelerate cannot infer this
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = share
+    return True
+
+
+def zero3(accelerator) -> bool:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+
+
+def prepare_reference(accelerator, reference, policy_scorer: Scorer) -> None:
+    """A separate reference model follows the policy's strategy, without an optimizer: FSDP shards it too and
+    DeepSpeed ZeRO-3 runs it as an inference engine (other ZeRO stages hold it whole). DDP has nothing to
+    synchronise in a frozen model, so there and in one process it stays as it is."""
+    from accelerate.utils import DistributedType
+
+    if not isinstance(reference, Scorer) or reference is policy_scorer:
+        return  # none, precomputed, or the LoRA policy with its adapters off
+    if accelerator.distributed_type == DistributedType.FSDP:
+        module = ScorerModule(reference)
+        if accelerator.is_fsdp2:  # accelerate shards FSDP2 models only together with an optimizer: shard it here,
+            from torch.distributed.fsdp import fully_shard  # a unit per decoder layer plus the root, as the policy
+
+            layers = set(module._no_split_modules or ())
+            for sub in module.modules():
+                if type(sub).__name__ in layers:
+                    fully_shard(sub)
+            reference.runner = fully_shard(module)
+        else:
+            reference.runner = accelerator.prepare_model(module)
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            config.pop(key, None)
+        zero = config.setdefault("zero_optimization", {})
+        zero.pop("offload_optimizer", None)
+        if zero.get("stage") != 3:
+            zero["stage"] = 0
+        reference.runner, *_ = deepspeed.initialize(model=ScorerModule(reference), config=config)
+        reference.runner.eval()
+
+
+def full_state_dict(accelerator, runner) -> dict:
+    """The policy's whole state dict, gathered from its shards (FSDP, ZeRO-3); every process must call this."""
+    state = accelerator.get_state_dict(runner)
+    return {key.removeprefix("model."): value for key, value in state.items()} if state else state
 
 
 def disable_dropout(model) -> None:
@@ -312,19 +404,20 @@ def clip_and_norm(accelerator, model, max_grad_norm: float) -> float:
     """Clip the global gradient norm (when max_grad_norm > 0) and return the norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_grad_norm > 0:
-        return float(accelerator.clip_grad_norm_(params, max_grad_norm))
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+        return 0.0 if norm is None else float(norm)  # None: DeepSpeed clips inside its own step
     if not params:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])))
 
 
-def gather_means(accelerator, parts: list[dict]) -> dict:
-    """Means over every pair of the global batch (all micro-batches, all processes)."""
-    local = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-    if accelerator.num_processes == 1:
-        return mean_metrics([local])
-    gathered = {key: accelerator.gather_for_metrics(value.to(accelerator.device)) for key, value in local.items()}
-    return mean_metrics([gathered])
+def gather_means(processes: Processes, parts: list[dict]) -> dict:
+    """Means over every pair of the global batch (all micro-batches, all processes; a process's share of a short
+    last batch can be empty)."""
+    if processes.world == 1:
+        return mean_metrics(parts)
+    local = {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]} if parts else None
+    return mean_metrics([p for p in processes.gather(local) if p is not None])
 
 
 def log_window(metrics_file, window, elapsed: float, step: int, epoch: float, lr: float) -> dict:
@@ -373,8 +466,9 @@ def prepare_fresh_output_dir(cfg: Config) -> None:
     os.makedirs(out, exist_ok=True)
 
 
-def save_final(cfg: Config, model, tokenizer, steps: int, eval_before, eval_after) -> None:
-    """The final model and tokenizer (Hugging Face format, safetensors) plus the run's results."""
+def save_final(cfg: Config, model, tokenizer, steps: int, eval_before, eval_after, state_dict=None) -> None:
+    """The final model and tokenizer (Hugging Face format, safetensors) plus the run's results. `state_dict`: the
+    weights gathered from their shards, when the model holds only its own shard."""
     import tempfile
 
     tmp = tempfile.mkdtemp(dir=cfg.output_dir, prefix=".tmp-final-")
@@ -387,7 +481,7 @@ def save_final(cfg: Config, model, tokenizer, steps: int, eval_before, eval_afte
             model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
             tokenizer.save_pretrained(merged)
     else:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     for name in os.listdir(tmp):
         os.replace(os.path.join(tmp, name), os.path.join(cfg.output_dir, name))

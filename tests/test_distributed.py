@@ -1,0 +1,157 @@
+"""Data parallel on CPU: 2 processes (torchrun, gloo) train exactly what one process trains on the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import load_state, model_and_pairs
+
+# 17 pairs in batches of 8: steps of 8, 8 and 1 pairs. Each process's share of 8 is 4, taken in micro-batches of
+# 2 (accumulation inside a process); the last batch leaves the second process nothing at all.
+FLAGS = ["--batch_size", "8", "--micro_batch_size", "2", "--epochs", "1", "--learning_rate", "1e-3",
+         "--adam_epsilon", "1e-5", "--logging_steps", "1", "--progress", "false", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return model_and_pairs(tmp_path_factory, "ddp", seed=11, rows=17)
+
+
+CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "accelerate")
+GPUS = torch.cuda.device_count()
+
+
+def launch(base, out, processes: int, *flags, expect_code: int = 0, config: str | None = None
+           ) -> subprocess.CompletedProcess:
+    """`fastdpo train` in `processes` processes under torchrun, or `accelerate launch --config_file CONFIG`
+    (one process: plain `python -m fastdpo`)."""
+    root, model, data = base
+    args = ["-m", "fastdpo", "train", "--model", model, "--data", data, "--output_dir", str(out), *FLAGS, *flags]
+    if config:
+        args = ["-m", "accelerate.commands.launch", "--config_file", os.path.join(CONFIGS, config),
+                "--num_processes", str(processes)] + args
+    elif processes > 1:
+        args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] + args
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == expect_code, result.stderr[-3000:]
+    return result
+
+
+def assert_close_weights(a, b, atol=1e-5):
+    sa, sb = load_state(a), load_state(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], atol=atol, rtol=0, msg=key)
+
+
+def train_lines(out) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
+
+
+@pytest.fixture(scope="module")
+def single(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "out"
+    launch(base, out, 1, "--eval_data", base[2])
+    return out
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(base, single, tmp_path):
+    result = launch(base, tmp_path / "two", 2, "--eval_data", base[2])
+    assert_close_weights(single, tmp_path / "two")
+    one, two = train_lines(single), train_lines(tmp_path / "two")
+    assert [line["step"] for line in two] == [1, 2, 3]  # written once, by the main process
+    for a, b in zip(one, two):  # metrics are means over the global batch, not over one process's share
+        for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    results = [json.load(open(os.path.join(out, "results.json"))) for out in (single, tmp_path / "two")]
+    for when in ("eval_before", "eval_after"):  # the eval set is scored in shards and pooled
+        assert results[1][when]["pairs"] == 17
+        assert results[1][when]["loss"] == pytest.approx(results[0][when]["loss"], rel=1e-5)
+    assert result.stderr.count("fastdpo: training finished") == 0  # the summary goes to stdout, once
+    assert result.stdout.count("fastdpo: training finished") == 1
+
+
+def test_precomputed_reference_is_the_same_under_one_and_two_processes(base, single, tmp_path):
+    from safetensors.torch import load_file
+
+    caches = {}
+    for n in (1, 2):
+        caches[n] = tmp_path / f"cache{n}"
+        launch(base, tmp_path / f"pre{n}", n, "--reference", "precomputed", "--ref_cache_dir", str(caches[n]))
+    files = {n: sorted(os.listdir(caches[n])) for n in caches}
+    assert files[1] == files[2] and len(files[1]) == 1  # the same key, written once (by the main process)
+    values = {n: load_file(caches[n] / files[n][0])["reference_logps"] for n in caches}
+    torch.testing.assert_close(values[2], values[1], atol=1e-5, rtol=0)
+    assert_close_weights(tmp_path / "pre1", tmp_path / "pre2")
+    assert_close_weights(single, tmp_path / "pre2")  # and the same training as the in-memory reference copy
+    # a second 2-process run reads the cache the first one wrote
+    rerun = launch(base, tmp_path / "pre2b", 2, "--reference", "precomputed", "--ref_cache_dir", str(caches[2]))
+    assert "loaded from the cache" in rerun.stderr
+
+
+def test_resume_under_two_processes_equals_the_uninterrupted_run(base, single, tmp_path):
+    """Stop after step 1 (max_steps 1 writes no checkpoint, so stop with a signal-free cut: save at step 1 and
+    delete the final model), then resume with 2 processes: the result is the uninterrupted single-process run."""
+    out = tmp_path / "cut"
+    launch(base, out, 2, "--save_steps", "1", "--eval_data", base[2])
+    # keep only the step-1 checkpoint, as if the run had died right after writing it
+    import shutil
+
+    ckpts = out / "checkpoints"
+    for name in os.listdir(ckpts):
+        if name.startswith("step-") and name != "step-1":
+            shutil.rmtree(ckpts / name)
+    (ckpts / "latest").write_text("step-1")
+    os.unlink(out / "model.safetensors")
+    launch(base, out, 2, "--save_steps", "1", "--eval_data", base[2], "--resume")
+    assert_close_weights(single, out)
+
+
+def test_the_shipped_ddp_config_runs_on_cpu_and_equals_one_process(base, single, tmp_path):
+    """configs/accelerate/ddp.yaml is written for GPUs; without one the processes run on CPU (gloo)."""
+    launch(base, tmp_path / "acc", 2, "--eval_data", base[2], config="ddp.yaml")
+    assert_close_weights(single, tmp_path / "acc")
+
+
+@pytest.mark.skipif(GPUS > 0, reason="checks the CPU refusal")
+def test_fsdp_on_cpu_is_a_clear_error(base, tmp_path):
+    """accelerate runs FSDP on GPUs only; on CPU each process would silently train alone."""
+    result = launch(base, tmp_path / "f", 2, config="fsdp.yaml", expect_code=1)  # torchrun's code for a failed worker
+    assert "FSDP: accelerate runs FSDP on GPUs only" in result.stderr
+    assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.skipif(GPUS < 2, reason="FSDP needs 2 GPUs (accelerate runs FSDP on GPUs only)")
+@pytest.mark.parametrize("reference", ["copy", "precomputed"])
+def test_fsdp_equals_one_process(base, single, tmp_path, reference):
+    launch(base, tmp_path / "f", 2, "--reference", reference, "--ref_cache_dir", "off", config="fsdp.yaml")
+    assert_close_weights(single, tmp_path / "f", atol=1e-4)  # fp32 on GPU: TF32 and reduce order, not bitwise
+
+
+@pytest.mark.skipif(GPUS < 2, reason="DeepSpeed ZeRO needs 2 GPUs and `pip install deepspeed`")
+@pytest.mark.parametrize("config", ["deepspeed-zero2.yaml", "deepspeed-zero3.yaml"])
+def test_deepspeed_equals_one_process(base, single, tmp_path, config):
+    pytest.importorskip("deepspeed")
+    # DeepSpeed steps at every backward: each process takes its share (4) at once
+    launch(base, tmp_path / "d", 2, "--micro_batch_size", "4", config=config)
+    assert_close_weights(single, tmp_path / "d", atol=1e-4)
+
+
+def test_every_shipped_accelerate_config_loads_and_is_documented():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    readme = open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8").read()
+    names = sorted(os.listdir(CONFIGS))
+    assert names == ["ddp.yaml", "deepspeed-zero2.yaml", "deepspeed-zero3.yaml", "fsdp.yaml"]
+    for name in names:
+        config = load_config_from_file(os.path.join(CONFIGS, name))
+        assert config.num_processes == 2 and config.mixed_precision == "no", name
+        assert f"configs/accelerate/{name}" in readme, name
+    assert load_config_from_file(os.path.join(CONFIGS, "fsdp.yaml")).fsdp_config["fsdp_version"] == 2
+    stages = [load_config_from_file(os.path.join(CONFIGS, n)).deepspeed_config["zero_stage"] for n in names[1:3]]
+    assert stages == [2, 3]
