@@ -469,6 +469,8 @@ def run_processes(args, base: dict, workdir: str, precisions: list[str]) -> dict
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=96, help="training pairs in the fixture (default 96)")
+    p.add_argument("--arch", default=None, help="change the fixture's model, e.g. hidden=1024,intermediate=2752,"
+                   "layers=8,heads=16 (keys of ARCH)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
     p.add_argument("--repeats", type=int, default=1, help="runs per tool and precision; the median is reported")
     p.add_argument("--skip-trl", action="store_true", help="run fastdpo only (debugging)")
@@ -573,6 +575,12 @@ def main(argv=None) -> None:
     if any(p not in ("fp32", "bf16") for p in precisions):
         sys.exit(f"bench: --precisions takes fp32 and/or bf16, got {args.precisions!r}")
     fast_flags = shlex.split(args.fastdpo_flags) if args.fastdpo_flags is not None else list(FASTDPO_FAST_FLAGS)
+    for item in (args.arch or "").split(","):
+        if item:
+            key, value = item.split("=")
+            if key not in ARCH:
+                sys.exit(f"bench: --arch {key}: not one of {', '.join(ARCH)}")
+            ARCH[key] = int(value)
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="fastdpo-bench-"))
     os.makedirs(workdir, exist_ok=True)
     report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -105,6 +105,10 @@ def eval_command(argv: list[str]) -> int:
     from fastdpo.evaluate import run_eval
 
     metrics, rows = run_eval(cfg)
+    from fastdpo.parallel import Processes
+
+    if not Processes.current().main:  # launched with several processes, each scored every pair: one reports
+        return 0
     if per_pair_out:
         from fastdpo.checkpoint import atomic_write_text
 
