@@ -155,3 +155,21 @@ def test_every_shipped_accelerate_config_loads_and_is_documented():
     assert load_config_from_file(os.path.join(CONFIGS, "fsdp.yaml")).fsdp_config["fsdp_version"] == 2
     stages = [load_config_from_file(os.path.join(CONFIGS, n)).deepspeed_config["zero_stage"] for n in names[1:3]]
     assert stages == [2, 3]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_unshard_inverts_shard_for_uneven_lengths(world):
+    from fastdpo.parallel import Processes
+
+    items = list(range(11))
+    shards = [Processes(rank, world).shard(items) for rank in range(world)]
+    assert sorted(len(s) for s in shards)[-1] - sorted(len(s) for s in shards)[0] <= 1
+    assert Processes(0, world).unshard(shards) == items
+
+
+def test_pooled_means_weight_each_process_by_its_pairs():
+    """Process A: 3 pairs with mean loss 1.0; B: 1 pair with loss 3.0; C: none -> (3 * 1 + 1 * 3) / 4 = 1.5."""
+    from fastdpo.metrics import pooled_means
+
+    pooled = pooled_means([{"loss": 1.0, "pairs": 3}, {"loss": 3.0, "pairs": 1}, {"pairs": 0}])
+    assert pooled == {"loss": 1.5, "pairs": 4}
