@@ -173,3 +173,18 @@ def test_pooled_means_weight_each_process_by_its_pairs():
 
     pooled = pooled_means([{"loss": 1.0, "pairs": 3}, {"loss": 3.0, "pairs": 1}, {"pairs": 0}])
     assert pooled == {"loss": 1.5, "pairs": 4}
+
+
+@pytest.mark.parametrize("n, world, micro", [(5, 2, 2), (1, 2, 2), (8, 2, 2), (7, 3, 1), (3, 1, 2)])
+def test_every_process_runs_the_same_number_of_micro_batches(n, world, micro):
+    """FSDP gathers weights in every forward, so all processes must run as many; the padding ones have scale 0 and
+    every real pair is scored exactly once, with scale world / n (DDP then averages over the processes)."""
+    from fastdpo.parallel import Processes
+    from fastdpo.train import process_micro_batches
+
+    positions = list(range(100, 100 + n))
+    per_rank = [process_micro_batches(positions, Processes(rank, world), micro) for rank in range(world)]
+    assert len({len(batches) for batches in per_rank}) == 1
+    real = [i for batches in per_rank for chunk, scale in batches if scale for i in chunk]
+    assert sorted(real) == positions
+    assert all(scale in (0.0, world / n) and len(chunk) <= micro for b in per_rank for chunk, scale in b)

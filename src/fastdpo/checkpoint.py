@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -70,7 +71,11 @@ def clean_partial_checkpoints(output_dir: str) -> None:
     for name in os.listdir(root) if os.path.isdir(root) else []:
         if name.startswith(".tmp-"):
             path = os.path.join(root, name)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
@@ -89,11 +94,12 @@ def load_checkpoint(path: str, model, optimizer, scheduler, reference=None, scal
     load_weights(model, path)
     if reference is not None:
         load_weights(reference, os.path.join(path, "reference"))
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
-    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
-    set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=True))
+    # map to CPU first: rank 0 wrote them from its device, and every process of a multi-GPU resume reads them
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), map_location="cpu", weights_only=True))
+    set_rng_state(torch.load(os.path.join(path, "rng.pt"), map_location="cpu", weights_only=True))
     if scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
-        scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=True))
+        scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), map_location="cpu", weights_only=True))
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)
 

@@ -45,10 +45,6 @@ class Processes:
             out[rank :: self.world] = items
         return out
 
-    def any(self, flag: bool) -> bool:
-        """True on every process when it is true on any (e.g. a stop signal that reached only some)."""
-        return any(self.gather(bool(flag)))
-
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -138,7 +138,9 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
 
     start_step = 0
     if resume_from:
-        clean_partial_checkpoints(cfg.output_dir)
+        if main:
+            clean_partial_checkpoints(cfg.output_dir)
+        processes.barrier()
         try:
             state = load_checkpoint(resume_from, policy, optimizer, scheduler, synced, scaler=accelerator.scaler)
         except (AssertionError, ValueError, KeyError, RuntimeError) as e:
@@ -192,13 +194,9 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
             if epoch not in orders:  # the data order is a function of (seed, epoch): resume needs only the step
                 orders = {epoch: batch_order(len(pairs), cfg.batch_size, cfg.shuffle, cfg.seed, epoch, lengths)}
             positions = orders[epoch][index]
-            local = processes.shard(positions)  # this process's shard of the global batch
-            scale = world / len(positions)  # sum of per-pair losses / global pairs, after DDP averages processes
             parts, tokens, padding = [], 0, []
-            micro_batches = [local[i : i + micro] for i in range(0, len(local), micro)]
-            if not micro_batches:  # a short last batch left this process nothing: it still joins the gradient
-                micro_batches, scale = [positions[:1]], 0.0  # all-reduce, with a zero contribution
-            for k, chunk in enumerate(micro_batches):
+            micro_batches = process_micro_batches(positions, processes, micro)
+            for k, (chunk, scale) in enumerate(micro_batches):
                 chunk_pairs = [pairs[i] for i in chunk]
                 batch = policy_scorer.collate(chunk_pairs).to(device)
                 sync = accelerator.no_sync(runner) if k < len(micro_batches) - 1 else contextlib.nullcontext()
@@ -231,9 +229,12 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
             if synced is not None and (step + 1) % cfg.ref_sync_steps == 0:
                 sync_reference(synced, policy, cfg.ref_sync_alpha)
 
-            metrics["padding_share"] = sum(padding) / max(len(padding), 1)
+            # one gather for the step's counts, and for a signal that may have reached only some processes
+            counts = processes.gather((tokens, padding, stop.requested is not None))
+            padding = [share for c in counts for share in c[1]]
+            metrics["padding_share"] = sum(padding) / len(padding)
             metrics["skipped_steps"] = skipped
-            window.append((metrics, grad_norm, sum(processes.gather(tokens)), len(positions)))
+            window.append((metrics, grad_norm, sum(c[0] for c in counts), len(positions)))
             elapsed = time.perf_counter() - window_start
             metrics["pairs_per_second"] = sum(w[3] for w in window) / max(elapsed, 1e-9)
             bar.update(metrics)
@@ -243,11 +244,10 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
                 window, window_start = [], time.perf_counter()
             if cfg.eval_steps and done % cfg.eval_steps == 0 and done != total_steps:
                 result = evaluate(done)
-                if result:
+                if result and main:
                     bar.write(f"step {done}: eval reward accuracy {result['rewards/accuracies']:.3f}, "
                               f"margin {result['rewards/margins']:.4f}, loss {result['loss']:.4f}")
-            # a signal can reach some processes a step before others: they stop together
-            stopping = processes.any(stop.requested) and done != total_steps
+            stopping = any(c[2] for c in counts) and done != total_steps  # every process stops after this step
             if stopping and sharded:
                 raise UserError(f"stopped by {stop.requested or 'a signal'} after step {done}: mid-run checkpoints "
                                 "are not supported under FSDP or DeepSpeed yet, nothing was saved")
@@ -279,6 +279,20 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
 # --- helpers of the loop ------------------------------------------------------------------------------------------
 
 
+def process_micro_batches(positions: list[int], processes: Processes, micro: int) -> list[tuple[list[int], float]]:
+    """This process's micro-batches of a global batch, each with its loss scale (sum of per-pair losses / global
+    pairs, once DDP has averaged the processes' gradients).
+
+    Every process gets the same number of micro-batches, because FSDP gathers weights in every forward: where a
+    short last batch leaves a process fewer, it runs a zero-scale copy of one pair, which changes no gradient
+    but takes part in the collectives."""
+    local = processes.shard(positions)
+    count = math.ceil(math.ceil(len(positions) / processes.world) / micro)
+    scale = processes.world / len(positions)
+    batches = [(local[i : i + micro], scale) for i in range(0, len(local), micro)]
+    return batches + [(positions[:1], 0.0)] * (count - len(batches))
+
+
 def check_strategy(accelerator, cfg: Config) -> bool:
     """True under FSDP or DeepSpeed: sharded weights and optimizer state, which mid-run checkpoints do not cover
     yet (the final model is saved)."""
@@ -297,8 +311,9 @@ def check_strategy(accelerator, cfg: Config) -> bool:
         if cfg.micro_batch_size and cfg.micro_batch_size != share:
             raise UserError(f"--micro_batch_size {cfg.micro_batch_size}: DeepSpeed steps its optimizer at every "
                             f"backward, so a process takes its whole share ({share}) at once here", exit_code=2)
-        # no data loader is prepared, so accelerate cannot infer this
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = share
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = share  # no data loader is prepared, so accelerate cannot infer it
+        ds["gradient_clipping"] = cfg.max_grad_norm  # DeepSpeed clips inside its step (0: no clipping)
     return True
 
 
