@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdpo.batching import Batch, model_position_ids
+from fastdpo.batching import Batch, collate_concatenated, collate_packed, model_position_ids
 
 
 def sequence_logps(model, batch: Batch, head: str = "chunked", chunk_size: int = 1024
@@ -153,21 +153,19 @@ class Scorer:
         return self.share_prompt, self.pack, self.head
 
     def collate(self, pairs) -> Batch:
-        from fastdpo.batching import collate_concatenated, collate_packed
-
         if self.share_prompt or self.pack:
             return collate_packed(pairs, self.pad_token_id, self.share_prompt, self.pack, self.row_length)
         return collate_concatenated(pairs, self.pad_token_id)
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.runner is not None:
-            return self.runner(batch)
+        return self.runner(batch) if self.runner is not None else self.score(batch)
+
+    def score(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own forward in this scorer's layout and head path (what `ScorerModule` runs)."""
         return sequence_logps(self.model, batch, self.head, self.chunk_size)
 
     @torch.no_grad()
     def check(self, pairs, device, notice=print) -> "Scorer":
-        from fastdpo.batching import collate_concatenated
-
         plain, _ = sequence_logps(self.model, collate_concatenated(pairs, self.pad_token_id).to(device), "full")
         if self.head == "chunked" and not self._agrees(plain, pairs, device, share=False, pack=False):
             notice("fastdpo: this model's logits are not a plain lm_head; scoring through its full logits")
@@ -205,5 +203,4 @@ class ScorerModule(torch.nn.Module):
         self._no_split_modules = getattr(scorer.model, "_no_split_modules", None)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        scorer = self._scorer[0]
-        return sequence_logps(self.model, batch, scorer.head, scorer.chunk_size)
+        return self._scorer[0].score(batch)

@@ -75,8 +75,7 @@ def precompute_reference(scorer: Scorer, pair_sets: dict[str, list[TokenizedPair
             how = f"loaded from the cache {path}"
         else:
             shard = compute_reference_logps(scorer, processes.shard(pairs), batch_size, device, autocast)
-            values = torch.stack(processes.unshard([list(s) for s in processes.gather(shard)])) if \
-                processes.world > 1 else shard  # (N, 2)
+            values = torch.stack(processes.unshard([list(s) for s in processes.gather(shard)]))  # (N, 2)
             how = f"computed in {time.perf_counter() - start:.1f} s" + \
                 (f" by {processes.world} processes" if processes.world > 1 else "")
             if path and processes.main:

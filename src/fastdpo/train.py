@@ -209,7 +209,10 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
                     padding.append(batch.padding_share)
             grad_norm = clip_and_norm(accelerator, runner, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
-            metrics = gather_means(processes, parts)
+            # one gather per step: every process's per-pair metrics (a process's share of a short last batch can be
+            # empty), its token and padding counts, and whether a signal reached it
+            shares = processes.gather((per_pair_on_cpu(parts), tokens, padding, stop.requested is not None))
+            metrics = mean_metrics([share[0] for share in shares if share[0] is not None])
             finite = math.isfinite(grad_norm) and math.isfinite(metrics["loss"])
             if finite or accelerator.scaler is not None:  # fp16's grad scaler must see every step to lower its scale
                 optimizer.step()
@@ -229,12 +232,10 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
             if synced is not None and (step + 1) % cfg.ref_sync_steps == 0:
                 sync_reference(synced, policy, cfg.ref_sync_alpha)
 
-            # one gather for the step's counts, and for a signal that may have reached only some processes
-            counts = processes.gather((tokens, padding, stop.requested is not None))
-            padding = [share for c in counts for share in c[1]]
+            padding = [value for share in shares for value in share[2]]
             metrics["padding_share"] = sum(padding) / len(padding)
             metrics["skipped_steps"] = skipped
-            window.append((metrics, grad_norm, sum(c[0] for c in counts), len(positions)))
+            window.append((metrics, grad_norm, sum(share[1] for share in shares), len(positions)))
             elapsed = time.perf_counter() - window_start
             metrics["pairs_per_second"] = sum(w[3] for w in window) / max(elapsed, 1e-9)
             bar.update(metrics)
@@ -247,7 +248,7 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
                 if result and main:
                     bar.write(f"step {done}: eval reward accuracy {result['rewards/accuracies']:.3f}, "
                               f"margin {result['rewards/margins']:.4f}, loss {result['loss']:.4f}")
-            stopping = any(c[2] for c in counts) and done != total_steps  # every process stops after this step
+            stopping = any(share[3] for share in shares) and done != total_steps  # all stop after this step
             if stopping and sharded:
                 raise UserError(f"stopped by {stop.requested or 'a signal'} after step {done}: mid-run checkpoints "
                                 "are not supported under FSDP or DeepSpeed yet, nothing was saved")
@@ -388,8 +389,7 @@ def build_reference(cfg: Config, policy, policy_scorer: Scorer, pad: int, sample
     else:
         reference = copy.deepcopy(policy)
     disable_dropout(reference)
-    if reference is not policy:
-        reference.eval().requires_grad_(False)
+    reference.eval().requires_grad_(False)
     return make_scorer(reference, cfg, pad, sample, device, log)
 
 
@@ -426,13 +426,10 @@ def clip_and_norm(accelerator, model, max_grad_norm: float) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])))
 
 
-def gather_means(processes: Processes, parts: list[dict]) -> dict:
-    """Means over every pair of the global batch (all micro-batches, all processes; a process's share of a short
-    last batch can be empty)."""
-    if processes.world == 1:
-        return mean_metrics(parts)
-    local = {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]} if parts else None
-    return mean_metrics([p for p in processes.gather(local) if p is not None])
+def per_pair_on_cpu(parts: list[dict]) -> dict | None:
+    """The per-pair metric tensors of a step's micro-batches, concatenated on the CPU (to send to the other
+    processes); None when this process scored no pair."""
+    return {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]} if parts else None
 
 
 def log_window(metrics_file, window, elapsed: float, step: int, epoch: float, lr: float) -> dict:
