@@ -76,7 +76,7 @@ def collate_concatenated(pairs: list[TokenizedPair], pad_token_id: int) -> Batch
         n, m = len(prompt), len(response)
         input_ids[i, : n + m] = torch.tensor(prompt + response, dtype=torch.long)
         attention_mask[i, : n + m] = 1
-        _add_scores(score, row=i, cols=range(n - 1, n + m - 1), labels=response, seq=i)
+        _add_scores(score, row=i, cols=range(n - 1, n + m - 1), labels=response, seqs=[i] * m)
     return Batch(input_ids, attention_mask, None, *_score_tensors(score), [p.index for p in pairs],
                  _reference(pairs))
 
@@ -113,10 +113,7 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, share_prompt: 
             input_ids[r, offset : offset + n] = torch.tensor(ids, dtype=torch.long)
             position_ids[r, offset : offset + n] = torch.tensor(positions, dtype=torch.long)
             mask[r, 0, offset : offset + n, offset : offset + n] = seg_mask
-            score[0].extend([r] * len(cols))
-            score[1].extend(c + offset for c in cols)
-            score[2].extend(labels)
-            score[3].extend(seqs)
+            _add_scores(score, row=r, cols=[c + offset for c in cols], labels=labels, seqs=seqs)
             offset += n
         pad = torch.arange(offset, width)
         mask[r, 0, pad, pad] = True  # padding attends to itself only: no all-masked rows (NaN in softmax)
@@ -166,12 +163,13 @@ def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def _add_scores(score, row: int, cols, labels, seq: int) -> None:
+def _add_scores(score, row: int, cols, labels, seqs) -> None:
+    """Append scored tokens (all in one row) to the (rows, cols, labels, seqs) lists."""
     cols = list(cols)
     score[0].extend([row] * len(cols))
     score[1].extend(cols)
     score[2].extend(labels)
-    score[3].extend([seq] * len(cols))
+    score[3].extend(seqs)
 
 
 def _score_tensors(score) -> tuple[torch.Tensor, ...]:
