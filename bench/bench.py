@@ -227,6 +227,15 @@ def child_trl(spec: dict) -> dict:
             "precompute_ref_log_probs": args.precompute_ref_log_probs, "bf16": args.bf16}
 
 
+def train_flags(spec: dict) -> list[str]:
+    """`fastdpo train` flags of a run: the fixture, one epoch at BATCH / LR / BETA, the spec's precision and
+    output dir, then the fast flags."""
+    return ["--model", spec["model"], "--data", spec["data"], "--output_dir", spec["out"], "--batch_size",
+            str(spec["batch"]), "--epochs", "1", "--learning_rate", str(LR), "--beta", str(BETA), "--progress",
+            "false", "--precision", spec["precision"], "--logging_steps", "1", "--max_length",
+            str(spec["max_length"]), "--max_prompt_length", str(spec["max_prompt_length"])] + spec["fast_flags"]
+
+
 def child_fastdpo(spec: dict) -> dict:
     """Time fastdpo's train() from the call to its return, minus the final model save (TRL saves nothing)."""
     import accelerate  # noqa: F401  imported before the clock starts, as TRL's child imports them with trl
@@ -244,10 +253,7 @@ def child_fastdpo(spec: dict) -> dict:
             saved["s"] += time.perf_counter() - t
 
         ft.save_final = timed_save
-    flags = ["--model", spec["model"], "--data", spec["data"], "--output_dir", spec["out"], "--batch_size",
-             str(spec["batch"]), "--epochs", "1", "--learning_rate", str(LR), "--beta", str(BETA), "--progress",
-             "false", "--precision", spec["precision"], "--logging_steps", "1", "--max_length",
-             str(spec["max_length"]), "--max_prompt_length", str(spec["max_prompt_length"])] + spec["fast_flags"]
+    flags = train_flags(spec)
     if spec.get("ref_cache"):
         flags += ["--ref_cache_dir", spec["ref_cache"]]
     import_model_code()
@@ -430,10 +436,8 @@ def run_processes(args, base: dict, workdir: str, precisions: list[str]) -> dict
             for rep in range(args.repeats):
                 wait_idle(args.wait_idle)
                 dest = tempfile.mkdtemp(prefix=f"procs{n}-{precision}-", dir=workdir)
-                cmd = ["-m", "fastdpo", "train", "--model", base["model"], "--data", base["data"], "--output_dir",
-                       os.path.join(dest, "out"), "--batch_size", str(base["batch"]), "--epochs", "1",
-                       "--learning_rate", str(LR), "--beta", str(BETA), "--progress", "false", "--precision",
-                       precision, "--logging_steps", "1", "--ref_cache_dir", "off", *base["fast_flags"]]
+                spec = dict(base, precision=precision, out=os.path.join(dest, "out"))
+                cmd = ["-m", "fastdpo", "train", *train_flags(spec), "--ref_cache_dir", "off"]
                 env = dict(os.environ)
                 if n > 1:
                     cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)] + cmd
