@@ -107,6 +107,16 @@ def load_state(path) -> dict:
     return load_file(os.path.join(path, "model.safetensors"))
 
 
+def assert_same_weights(a, b, atol: float = 0.0) -> None:
+    """The saved models in directories a and b have the same tensors, each equal to `atol`."""
+    import torch
+
+    sa, sb = load_state(a), load_state(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], atol=atol, rtol=0, msg=key)
+
+
 def model_and_pairs(tmp_path_factory, name: str, seed: int, rows: int) -> tuple:
     """(root, model dir, pairs.jsonl): a tiny random model and the first `rows` example pairs, for training tests."""
     root = tmp_path_factory.mktemp(name)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import load_state, model_and_pairs
+from conftest import assert_same_weights, model_and_pairs
 
 # 17 pairs in batches of 8: steps of 8, 8 and 1 pairs. Each process's share of 8 is 4, taken in micro-batches of
 # 2 (accumulation inside a process); the last batch leaves the second process nothing at all.
@@ -42,13 +42,6 @@ def launch(base, out, processes: int, *flags, expect_code: int = 0, config: str 
     return result
 
 
-def assert_close_weights(a, b, atol=1e-5):
-    sa, sb = load_state(a), load_state(b)
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        torch.testing.assert_close(sa[key], sb[key], atol=atol, rtol=0, msg=key)
-
-
 def train_lines(out) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
 
@@ -62,7 +55,7 @@ def single(base, tmp_path_factory):
 
 def test_two_processes_equal_one_with_the_same_global_batch(base, single, tmp_path):
     result = launch(base, tmp_path / "two", 2, "--eval_data", base[2])
-    assert_close_weights(single, tmp_path / "two")
+    assert_same_weights(single, tmp_path / "two", atol=1e-5)
     one, two = train_lines(single), train_lines(tmp_path / "two")
     assert [line["step"] for line in two] == [1, 2, 3]  # written once, by the main process
     for a, b in zip(one, two):  # metrics are means over the global batch, not over one process's share
@@ -87,8 +80,8 @@ def test_precomputed_reference_is_the_same_under_one_and_two_processes(base, sin
     assert files[1] == files[2] and len(files[1]) == 1  # the same key, written once (by the main process)
     values = {n: load_file(caches[n] / files[n][0])["reference_logps"] for n in caches}
     torch.testing.assert_close(values[2], values[1], atol=1e-5, rtol=0)
-    assert_close_weights(tmp_path / "pre1", tmp_path / "pre2")
-    assert_close_weights(single, tmp_path / "pre2")  # and the same training as the in-memory reference copy
+    assert_same_weights(tmp_path / "pre1", tmp_path / "pre2", atol=1e-5)
+    assert_same_weights(single, tmp_path / "pre2", atol=1e-5)  # and the same training as the in-memory reference copy
     # a second 2-process run reads the cache the first one wrote
     rerun = launch(base, tmp_path / "pre2b", 2, "--reference", "precomputed", "--ref_cache_dir", str(caches[2]))
     assert "loaded from the cache" in rerun.stderr
@@ -109,13 +102,13 @@ def test_resume_under_two_processes_equals_the_uninterrupted_run(base, single, t
     (ckpts / "latest").write_text("step-1")
     os.unlink(out / "model.safetensors")
     launch(base, out, 2, "--save_steps", "1", "--eval_data", base[2], "--resume")
-    assert_close_weights(single, out)
+    assert_same_weights(single, out, atol=1e-5)
 
 
 def test_the_shipped_ddp_config_runs_on_cpu_and_equals_one_process(base, single, tmp_path):
     """configs/accelerate/ddp.yaml is written for GPUs; without one the processes run on CPU (gloo)."""
     launch(base, tmp_path / "acc", 2, "--eval_data", base[2], config="ddp.yaml")
-    assert_close_weights(single, tmp_path / "acc")
+    assert_same_weights(single, tmp_path / "acc", atol=1e-5)
 
 
 @pytest.mark.skipif(GPUS > 0, reason="checks the CPU refusal")
@@ -130,7 +123,7 @@ def test_fsdp_on_cpu_is_a_clear_error(base, tmp_path):
 @pytest.mark.parametrize("reference", ["copy", "precomputed"])
 def test_fsdp_equals_one_process(base, single, tmp_path, reference):
     launch(base, tmp_path / "f", 2, "--reference", reference, "--ref_cache_dir", "off", config="fsdp.yaml")
-    assert_close_weights(single, tmp_path / "f", atol=1e-4)  # fp32 on GPU: TF32 and reduce order, not bitwise
+    assert_same_weights(single, tmp_path / "f", atol=1e-4)  # fp32 on GPU: TF32 and reduce order, not bitwise
 
 
 @pytest.mark.skipif(GPUS < 2, reason="DeepSpeed ZeRO needs 2 GPUs and `pip install deepspeed`")
@@ -139,7 +132,7 @@ def test_deepspeed_equals_one_process(base, single, tmp_path, config):
     pytest.importorskip("deepspeed")
     # DeepSpeed steps at every backward: each process takes its share (4) at once
     launch(base, tmp_path / "d", 2, "--micro_batch_size", "4", config=config)
-    assert_close_weights(single, tmp_path / "d", atol=1e-4)
+    assert_same_weights(single, tmp_path / "d", atol=1e-4)
 
 
 def test_every_shipped_accelerate_config_loads_and_is_documented():

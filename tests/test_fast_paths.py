@@ -10,7 +10,7 @@ import torch
 from fastdpo.config import build_config
 from fastdpo.train import train
 
-from conftest import example_rows, load_state, make_model_dir, write_jsonl
+from conftest import assert_same_weights, example_rows, make_model_dir, write_jsonl
 
 PLAIN = ["--reference", "copy", "--prefix_sharing", "false", "--packing", "false", "--logits_chunk_size", "0"]
 
@@ -33,12 +33,6 @@ def run(base, out, *flags):
                                str(root / "cache"), "--adam_epsilon", "1e-5", "--logging_steps", "1", *flags]))
 
 
-def assert_close_weights(a, b, atol=1e-5):
-    sa, sb = load_state(a), load_state(b)
-    for key in sa:
-        torch.testing.assert_close(sa[key], sb[key], atol=atol, rtol=0, msg=key)
-
-
 def losses(path):
     return [json.loads(line)["loss"] for line in open(path / "metrics.jsonl") if '"loss"' in line
             and not line.startswith('{"step": 0')]
@@ -59,7 +53,7 @@ def test_fast_path_training_equals_plain_training(base, plain, tmp_path, referen
     out = tmp_path / "out"
     result = run(base, out, "--reference", reference, "--prefix_sharing", str(share), "--packing", str(pack),
                  "--logits_chunk_size", chunk)
-    assert_close_weights(out, plain[0])
+    assert_same_weights(out, plain[0], atol=1e-5)
     assert losses(out) == pytest.approx(losses(plain[0]), abs=1e-5)
     for key in ("loss", "rewards/margins", "logps/chosen"):
         assert result.eval_after[key] == pytest.approx(plain[1].eval_after[key], abs=1e-4)
@@ -67,11 +61,11 @@ def test_fast_path_training_equals_plain_training(base, plain, tmp_path, referen
 
 def test_gradient_checkpointing_and_length_grouping_are_exact(base, plain, tmp_path):
     run(base, tmp_path / "ckpt", "--gradient_checkpointing")
-    assert_close_weights(tmp_path / "ckpt", plain[0])
+    assert_same_weights(tmp_path / "ckpt", plain[0], atol=1e-5)
     # one batch of 8 out of 16 pairs per step: grouping changes which pairs, so compare against its own plain run
     run(base, tmp_path / "grouped", "--group_by_length", *PLAIN)
     run(base, tmp_path / "grouped_fast", "--group_by_length", "--reference", "precomputed")
-    assert_close_weights(tmp_path / "grouped_fast", tmp_path / "grouped")
+    assert_same_weights(tmp_path / "grouped_fast", tmp_path / "grouped", atol=1e-5)
 
 
 def test_reference_cache_is_reused_and_keyed_by_data_and_weights(base, tmp_path, capsys):

@@ -10,7 +10,7 @@ from fastdpo.config import build_config
 from fastdpo.errors import UserError
 from fastdpo.train import train
 
-from conftest import load_state, make_model_dir, model_and_pairs, run_cli, write_jsonl
+from conftest import assert_same_weights, load_state, make_model_dir, model_and_pairs, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,6 @@ def run(base, out, *flags):
                         "--max_steps", "3", "--batch_size", "8", "--progress", "false", "--lr_scheduler", "linear",
                         "--warmup_steps", "1", *flags])
     return train(cfg)
-
-
-def assert_same_weights(a, b, atol=0.0):
-    sa, sb = load_state(a), load_state(b)
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        torch.testing.assert_close(sa[key], sb[key], atol=atol, rtol=0, msg=key)
 
 
 def test_grad_accumulation_8x1_equals_1x8(base, tmp_path):

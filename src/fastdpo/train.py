@@ -261,8 +261,8 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
             accelerator.wait_for_everyone()
             if stopping:
                 bar.close()
-                log(f"fastdpo: {stop.requested or 'stop'}: stopped after step {done} of {total_steps}; checkpoint written, "
-                    f"continue with the same command plus --resume")
+                log(f"fastdpo: {stop.requested or 'stop'}: stopped after step {done} of {total_steps}; checkpoint "
+                    "written, continue with the same command plus --resume")
                 return TrainResult(cfg.output_dir, done, eval_before, None, last, stopped=True)
     finally:
         stop.uninstall()
