@@ -11,7 +11,9 @@ layout.
   ones, and their positions restart right after the prompt, so the prompt is computed once. Exact DPO.
 - packed: several segments per row, each attending only to itself (block-diagonal), with positions restarting
   per segment. Rows are no longer than the longest segment of the batch (or `row_length`), so a row never pays a
-  dense attention mask much larger than one long pair's.
+  dense attention mask much larger than one long pair's. Their width is rounded up to one of 8 sizes per power of
+  two (at most 1/8 padding), so a run meets few distinct shapes: kernels are chosen and cached per shape (oneDNN's
+  bf16 CPU kernels keep some MB for each shape they have seen, for the life of the process).
 
 Prefix-shared and packed segments use a 4-D boolean mask `(R, 1, L, L)`, True where attention is allowed.
 """
@@ -99,7 +101,7 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, share_prompt: 
             segments.append(_plain_segment(p.prompt_ids, p.rejected_ids, seq=B + b))
     width = max(row_length, max(len(s[0]) for s in segments))
     rows = _first_fit([len(s[0]) for s in segments], width) if pack else [[i] for i in range(len(segments))]
-    width = max(sum(len(segments[i][0]) for i in row) for row in rows)
+    width = bucket_width(max(sum(len(segments[i][0]) for i in row) for row in rows), row_length)
     R = len(rows)
     input_ids = torch.full((R, width), pad_token_id, dtype=torch.long)  # (R, L)
     position_ids = torch.full((R, width), -1, dtype=torch.long)  # (R, L), -1 marks padding until the end
@@ -119,6 +121,14 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, share_prompt: 
         mask[r, 0, pad, pad] = True  # padding attends to itself only: no all-masked rows (NaN in softmax)
     return Batch(input_ids, mask, position_ids, *_score_tensors(score), [p.index for p in pairs],
                  _reference(pairs))
+
+
+def bucket_width(width: int, row_length: int = 0) -> int:
+    """`width` rounded up to a multiple of 2**(bits - 4), i.e. one of 8 sizes per power of two, never past a
+    `row_length` that holds it. 237 -> 240, 1000 -> 1024, 1025 -> 1152."""
+    step = 1 << max(0, width.bit_length() - 4)
+    rounded = -(-width // step) * step
+    return min(rounded, row_length) if width <= row_length else rounded
 
 
 def model_position_ids(batch: Batch) -> torch.Tensor | None:

@@ -70,8 +70,9 @@ class ChunkedHeadLogps(torch.autograd.Function):
 
     d logp / d logits = onehot(label) - softmax(logits), so each chunk's gradient needs only its own recomputed
     logits and the forward's output (M floats). Matmuls run in the autocast dtype when autocast is on (as
-    nn.Linear would); the softmax arithmetic is float32. Softmax kernels work row by row, so a (c, V) chunk is
-    read from memory a few times rather than once per elementwise op.
+    nn.Linear would); the softmax arithmetic is float32. One `(chunk, V)` buffer per pass is reused by every chunk
+    and the softmax kernels work in place in it, row by row: no `(chunk, V)` or `(V, H)` temporaries are allocated
+    per chunk, which keeps both the memory traffic and the allocator's churn down.
     """
 
     @staticmethod
@@ -80,10 +81,16 @@ class ChunkedHeadLogps(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None  # cast once, not per chunk
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (M,)
+        logits = _chunk_buffer(hidden, weight, chunk, dtype)  # (c, V)
+        # the log-softmax runs in float32: in place when the matmul is float32, else in a float32 copy
+        scratch = logits if dtype == torch.float32 else _chunk_buffer(hidden, weight, chunk, torch.float32)
         with torch.autocast(device, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
-                logits = _logits(hidden[s : s + chunk], w, b).float()  # (c, V)
-                out[s : s + chunk] = torch.log_softmax(logits, -1).gather(-1, labels[s : s + chunk, None]).squeeze(-1)
+                c = min(chunk, hidden.shape[0] - s)
+                z = _logits(hidden[s : s + c], w, b, out=logits[:c])  # (c, V)
+                z = scratch[:c].copy_(z) if scratch is not logits else z
+                torch._log_softmax(z, -1, False, out=z)
+                out[s : s + c] = z.gather(-1, labels[s : s + c, None]).squeeze(-1)
         ctx.save_for_backward(hidden, weight, bias, labels, out)
         ctx.chunk, ctx.dtype = chunk, dtype
         return out
@@ -96,31 +103,48 @@ class ChunkedHeadLogps(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]  # a frozen lm_head (LoRA) needs no grad
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight \
-            else None  # (V, H)
+            else None  # (V, H), accumulated in float32
+        # a float32 matmul accumulates into grad_weight directly; a lower-precision one goes through one (V, H)
+        # buffer in its dtype (CPU matmuls cannot write another dtype)
+        partial = torch.empty(weight.shape, dtype=dtype, device=weight.device) \
+            if need_weight and dtype != torch.float32 else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        probs = _chunk_buffer(hidden, weight, ctx.chunk, dtype)  # (c, V)
         with torch.autocast(device, enabled=False):
             for s in range(0, hidden.shape[0], ctx.chunk):
-                h, g, lab = hidden[s : s + ctx.chunk], grad_out[s : s + ctx.chunk, None], labels[s : s + ctx.chunk]
+                c = min(ctx.chunk, hidden.shape[0] - s)
+                h, g, lab = hidden[s : s + c], grad_out[s : s + c, None], labels[s : s + c]
                 # d logp / d logits = -(softmax - onehot): the softmax is taken in float32 inside the kernel and
                 # stored in the matmul dtype; the label entries are set to p - 1 from the float32 forward output,
                 # so a confident prediction's small 1 - p is not lost to rounding. g scales the (c, H) side.
-                probs = torch.softmax(_logits(h, w, b), -1)  # (c, V)
-                probs.scatter_(-1, lab[:, None], (logps[s : s + ctx.chunk, None].exp() - 1).to(probs.dtype))
+                p = _logits(h, w, b, out=probs[:c])  # (c, V)
+                torch._softmax(p, -1, False, out=p)
+                p.scatter_(-1, lab[:, None], (logps[s : s + c, None].exp() - 1).to(dtype))
                 if need_hidden:
-                    grad_hidden[s : s + ctx.chunk] = ((probs @ w).float() * -g).to(hidden.dtype)  # (c, H)
+                    grad_hidden[s : s + c] = ((p @ w).float() * -g).to(hidden.dtype)  # (c, H)
                 if need_weight:
-                    grad_weight.sub_((probs.t() @ (h.float() * g).to(dtype)).float())  # (V, H)
+                    hg = (h.float() * g).to(dtype)  # (c, H)
+                    if partial is None:
+                        grad_weight.addmm_(p.t(), hg, alpha=-1)  # (V, H)
+                    else:
+                        grad_weight.sub_(torch.mm(p.t(), hg, out=partial))
                 if need_bias:
-                    grad_bias.sub_((g.t().to(dtype) @ probs).float().squeeze(0))
+                    grad_bias.sub_((g.t().to(dtype) @ p).float().squeeze(0))
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
-def _logits(hidden, weight, bias) -> torch.Tensor:
-    """hidden @ W.T + b in the weight's dtype. Shape: (c, H) -> (c, V)."""
-    logits = hidden.to(weight.dtype) @ weight.t()  # (c, V)
-    return logits + bias if bias is not None else logits
+def _chunk_buffer(hidden, weight, chunk: int, dtype) -> torch.Tensor:
+    """An uninitialised (min(chunk, M), V) buffer for one chunk's logits."""
+    return torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=dtype, device=hidden.device)
+
+
+def _logits(hidden, weight, bias, out: torch.Tensor) -> torch.Tensor:
+    """hidden @ W.T + b in the weight's dtype, written into `out`. Shape: (c, H) -> (c, V)."""
+    if bias is None:
+        return torch.mm(hidden.to(weight.dtype), weight.t(), out=out)  # (c, V)
+    return torch.addmm(bias, hidden.to(weight.dtype), weight.t(), out=out)
 
 
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
