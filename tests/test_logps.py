@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from fastdpo.batching import collate_concatenated, collate_packed
+from fastdpo.batching import bucket_width, collate_concatenated, collate_packed
 from fastdpo.logps import ChunkedHeadLogps, Scorer, sequence_logps, split_pairs
 from fastdpo.tokenize import TokenizedPair
 
@@ -101,6 +101,19 @@ def test_packing_fills_rows_and_removes_padding():
     assert batch.padding_share < plain.padding_share
 
 
+def test_packed_rows_are_rounded_up_to_eight_widths_per_power_of_two():
+    """Few distinct shapes per run (kernels are cached per shape), at most 1/8 padding, never past a row_length
+    that holds the row."""
+    assert [bucket_width(n) for n in (1, 8, 9, 17, 237, 1000, 1025)] == [1, 8, 9, 18, 240, 1024, 1152]
+    assert bucket_width(1990, row_length=2000) == 2000 and bucket_width(3000, row_length=2000) == 3072
+    widths = {bucket_width(n) for n in range(129, 257)}
+    assert len(widths) == 8 and all((w - n) / n <= 1 / 8 for n in range(1, 5000) for w in [bucket_width(n)])
+    # 6 real tokens -> width 6; 3 pairs of 7 -> 7; 9 tokens -> 9; 17 -> 18 (one padding slot, masked, not scored)
+    batch = collate_packed([TokenizedPair(list(range(1, 9)), [10, 11, 12, 13, 14], [15, 16, 17, 18], index=0)], 2)
+    assert batch.input_ids.shape == (1, 18) and batch.position_ids[0, -1] == -1
+    assert batch.score_labels.tolist() == [10, 11, 12, 13, 14, 15, 16, 17, 18]
+
+
 def test_prefix_shared_segment_mask_and_positions():
     """[prompt 0 7 | chosen 10 1 | rejected 11 1]: the rejected tokens see the prompt and themselves, not the
     chosen tokens; their positions restart after the prompt; the first rejected token is scored from the last
@@ -133,6 +146,19 @@ def test_scorer_falls_back_where_the_model_cannot_take_the_mask(monkeypatch):
     notices = []
     scorer = Scorer(model, 2).check(PAIRS, "cpu", notice=notices.append)
     assert scorer.layout == (False, False, "chunked") and "concatenated layout" in notices[0]
+
+
+def test_exactness_checks_run_on_two_pairs_cut_short():
+    from fastdpo.evaluate import check_sample
+
+    pairs = [TokenizedPair(list(range(n)), list(range(100, 100 + n)), list(range(200, 200 + n)), index=n)
+             for n in (30, 5, 40, 12)]
+    pairs[1].reference_logps = (-1.0, -2.0)
+    sample = check_sample(pairs)
+    assert [p.index for p in sample] == [5, 40]  # the shortest and the longest
+    assert [len(p.prompt_ids) for p in sample] == [5, 16] and sample[1].rejected_ids == list(range(200, 216))
+    assert sample[0].reference_logps is None and pairs[1].reference_logps == (-1.0, -2.0)  # copies, not edits
+    assert len(pairs[2].prompt_ids) == 40
 
 
 def test_eager_attention_gets_an_additive_mask():
@@ -199,6 +225,25 @@ def test_chunked_head_equals_autograd_of_the_full_log_softmax(confident):
         assert 0.99 < results[0][0].exp().min() and results[0][0].exp().max() < 0.9999
     for plain, chunked in zip(*results):
         torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_head_in_bf16_matches_float32_to_bf16_accuracy():
+    """Values and the hidden, weight and bias gradients under bf16 autocast (the weight gradient goes through a bf16
+    (V, H) partial product per chunk, summed in float32) against the float32 path, with a partial last chunk."""
+    torch.manual_seed(0)
+    M, H, V = 11, 32, 50
+    hidden, weight, bias = torch.randn(M, H), torch.randn(V, H) * 0.1, torch.randn(V) * 0.1
+    labels, grad_out = torch.randint(0, V, (M,)), torch.randn(M)
+    results = []
+    for autocast in (False, True):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = ChunkedHeadLogps.apply(h, w, b, labels, 4)
+        out.backward(grad_out)
+        results.append((out.detach(), h.grad, w.grad, b.grad))
+    for full, low in zip(*results):
+        assert low.dtype == torch.float32
+        assert (low - full).norm() / full.norm() < 2e-2
 
 
 def test_chunked_head_in_bf16_keeps_a_confident_tokens_gradient():
