@@ -148,17 +148,62 @@ def test_scorer_falls_back_where_the_model_cannot_take_the_mask(monkeypatch):
     assert scorer.layout == (False, False, "chunked") and "concatenated layout" in notices[0]
 
 
-def test_exactness_checks_run_on_two_pairs_cut_short():
+def test_exactness_checks_take_the_shortest_and_longest_pair_and_compare_them_cut_short(monkeypatch):
+    import fastdpo.logps as logps_module
     from fastdpo.evaluate import check_sample
 
-    pairs = [TokenizedPair(list(range(n)), list(range(100, 100 + n)), list(range(200, 200 + n)), index=n)
-             for n in (30, 5, 40, 12)]
-    pairs[1].reference_logps = (-1.0, -2.0)
-    sample = check_sample(pairs)
-    assert [p.index for p in sample] == [5, 40]  # the shortest and the longest
-    assert [len(p.prompt_ids) for p in sample] == [5, 16] and sample[1].rejected_ids == list(range(200, 216))
-    assert sample[0].reference_logps is None and pairs[1].reference_logps == (-1.0, -2.0)  # copies, not edits
-    assert len(pairs[2].prompt_ids) == 40
+    pairs = [TokenizedPair([0] + list(range(3, 3 + n)), list(range(40, 40 + n)) + [1], list(range(60, 60 + n)) + [1],
+                           index=n) for n in (30, 5, 40, 12)]
+    assert [p.index for p in check_sample(pairs)] == [5, 40]
+    widths = []
+    original = logps_module.sequence_logps
+
+    def recording(model, batch, head="chunked", chunk_size=1024):
+        widths.append((head, batch.input_ids.shape[1]))
+        return original(model, batch, head, chunk_size)
+
+    monkeypatch.setattr(logps_module, "sequence_logps", recording)
+    scorer = Scorer(tiny_llama(100), 2, chunk_size=7).check(check_sample(pairs), "cpu", notice=pytest.fail)
+    assert scorer.layout == (True, True, "chunked")
+    assert [w for head, w in widths if head == "full"] == [32]  # 16 + 16 tokens, not 41 + 41
+    assert max(w for head, w in widths) <= 16 * 3  # the layouts too: the shared row is 16 + 16 + 16
+
+
+@pytest.mark.parametrize("window", [4, 64])
+def test_sliding_window_shorter_than_the_data_turns_the_mask_layouts_off(window):
+    """A 4-D mask replaces the model's own, its sliding window included: where the window binds (4 < 10 tokens)
+    the shared layout would differ from the plain path, so the scorer falls back; where it cannot (64) it stays."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                           bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    notices = []
+    scorer = Scorer(model, 2).check(PAIRS, "cpu", notice=notices.append)
+    plain, _ = sequence_logps(model, collate_concatenated(PAIRS, 2), "full")
+    shared, _ = sequence_logps(model, collate(PAIRS, True, True), "chunked")
+    if window == 4:
+        assert scorer.layout == (False, False, "chunked") and "windows of 4 tokens" in notices[0]
+        assert not torch.allclose(shared, plain, atol=1e-4)  # why: the window is lost in the shared layout
+    else:
+        assert scorer.layout == (True, True, "chunked") and notices == []
+        torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_window_is_read_from_each_kind_of_config():
+    from types import SimpleNamespace as C
+
+    from fastdpo.logps import attention_window
+
+    assert attention_window(C(sliding_window=4096)) == 4096  # Mistral v0.1
+    assert attention_window(C(sliding_window=None)) is None  # Mistral v0.2+
+    assert attention_window(C(sliding_window=4096, use_sliding_window=False)) is None  # Qwen2's default
+    assert attention_window(C(sliding_window=512, layer_types=["sliding_attention", "full_attention"])) == 512
+    assert attention_window(C(sliding_window=512, layer_types=["full_attention"])) is None
+    assert attention_window(C(attention_chunk_size=8192, layer_types=["chunked_attention", "full_attention"])) == 8192
+    assert attention_window(C()) is None  # Llama
 
 
 def test_eager_attention_gets_an_additive_mask():

@@ -13,6 +13,8 @@ Two ways to get there, equal to float rounding:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from fastdpo.batching import Batch, collate_concatenated, collate_packed, model_position_ids
@@ -190,28 +192,57 @@ class Scorer:
 
     @torch.no_grad()
     def check(self, pairs, device, notice=print) -> "Scorer":
+        """`pairs`: the data's shortest and longest pair (`evaluate.check_sample`). The comparisons run on them cut
+        to 8 and 16 tokens a part (the plain path builds the full (2B, T, V) logits); what only long sequences
+        would show, an attention window, is read from the model's config."""
+        longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+        pairs = [replace(p, prompt_ids=p.prompt_ids[:n], chosen_ids=p.chosen_ids[:n], rejected_ids=p.rejected_ids[:n],
+                         reference_logps=None) for p, n in zip(pairs, (8, 16))]
         plain, _ = sequence_logps(self.model, collate_concatenated(pairs, self.pad_token_id).to(device), "full")
-        if self.head == "chunked" and not self._agrees(plain, pairs, device, share=False, pack=False):
+        if self.head == "chunked" and not _close(self._logps(pairs, device, share=False, pack=False), plain):
             notice("fastdpo: this model's logits are not a plain lm_head; scoring through its full logits")
             self.head = "full"
         if self.share_prompt or self.pack:
             impl = getattr(self.model.config, "_attn_implementation", "sdpa")
-            if impl.startswith("flash") or not self._agrees(plain, pairs, device, self.share_prompt, self.pack):
+            window = attention_window(self.model.config)
+            if window and window < longest:  # a 4-D mask replaces the model's own, its window included
+                notice(f"fastdpo: this model attends within windows of {window} tokens and the data has sequences "
+                       f"of {longest}; prefix sharing and packing are off, using the concatenated layout")
+                self.share_prompt = self.pack = False
+            elif impl.startswith("flash") or not _close(self._logps(pairs, device, self.share_prompt, self.pack),
+                                                        plain):
                 notice(f"fastdpo: attention '{impl}' cannot take a 4-D mask here; prefix sharing and packing are "
                        "off, using the concatenated layout")
                 self.share_prompt = self.pack = False
         return self
 
-    def _agrees(self, plain, pairs, device, share: bool, pack: bool) -> bool:
+    def _logps(self, pairs, device, share: bool, pack: bool) -> torch.Tensor | None:
+        """Log-probs of `pairs` in the given layout with this scorer's head; None if the model refuses it."""
         saved = self.share_prompt, self.pack
         self.share_prompt, self.pack = share, pack
         try:
-            logps, _ = self(self.collate(pairs).to(device))
+            return self(self.collate(pairs).to(device))[0]
         except (RuntimeError, ValueError, TypeError, AttributeError):
-            return False
+            return None
         finally:
             self.share_prompt, self.pack = saved
-        return bool(torch.allclose(logps, plain, rtol=1e-4, atol=1e-3))
+
+
+def _close(logps: torch.Tensor | None, plain: torch.Tensor) -> bool:
+    return logps is not None and bool(torch.allclose(logps, plain, rtol=1e-4, atol=1e-3))
+
+
+def attention_window(config) -> int | None:
+    """The span a model's attention is limited to in some layer, if any: a sliding window (Mistral v0.1, Gemma 2/3,
+    GPT-OSS, Phi-3 ...) or attention chunks (Llama 4)."""
+    types = getattr(config, "layer_types", None) or ()
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk and (not types or "chunked_attention" in types):
+        return chunk
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:  # Qwen2 declares one, off by default
+        return None
+    return window if not types or "sliding_attention" in types else None
 
 
 class ScorerModule(torch.nn.Module):

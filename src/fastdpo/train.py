@@ -100,7 +100,7 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
     if cfg.lora_r or cfg.adapter:
         policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.adapter)
     policy.to(device)
-    sample = check_sample(pairs)
+    sample = check_sample(pairs + (eval_pairs or []))  # the scorer serves both
     # the scorer runs the Hugging Face model itself (with LoRA layers injected, when LoRA is on)
     policy_scorer = make_scorer(policy.get_base_model() if is_lora(policy) else policy, cfg, pad, sample, device,
                                 log)
