@@ -289,6 +289,10 @@ def test_chunked_head_in_bf16_matches_float32_to_bf16_accuracy():
     for full, low in zip(*results):
         assert low.dtype == torch.float32
         assert (low - full).norm() / full.norm() < 2e-2
+    # the values: bf16 logits, then a float32 log-softmax (a bf16 log-softmax would be ~1e-2 off)
+    logits = torch.nn.functional.linear(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16()).float()
+    expected = torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1)
+    torch.testing.assert_close(results[1][0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_head_in_bf16_keeps_a_confident_tokens_gradient():
