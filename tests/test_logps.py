@@ -155,6 +155,9 @@ def test_exactness_checks_take_the_shortest_and_longest_pair_and_compare_them_cu
     pairs = [TokenizedPair([0] + list(range(3, 3 + n)), list(range(40, 40 + n)) + [1], list(range(60, 60 + n)) + [1],
                            index=n) for n in (30, 5, 40, 12)]
     assert [p.index for p in check_sample(pairs)] == [5, 40]
+    # the longest single sequence can be in a pair that is not the longest overall: it is added
+    uneven = TokenizedPair([0, 3], list(range(100, 169)) + [1], [1], index=99)  # 2 + 70 tokens: 73 < 93 in all
+    assert [p.index for p in check_sample(pairs[:2] + [uneven])] == [5, 30, 99]
     widths = []
     original = logps_module.sequence_logps
 
@@ -185,25 +188,33 @@ def test_sliding_window_shorter_than_the_data_turns_the_mask_layouts_off(window)
     plain, _ = sequence_logps(model, collate_concatenated(PAIRS, 2), "full")
     shared, _ = sequence_logps(model, collate(PAIRS, True, True), "chunked")
     if window == 4:
-        assert scorer.layout == (False, False, "chunked") and "windows of 4 tokens" in notices[0]
+        assert scorer.layout == (False, False, "chunked") and "sliding windows of 4 tokens" in notices[0]
         assert not torch.allclose(shared, plain, atol=1e-4)  # why: the window is lost in the shared layout
     else:
         assert scorer.layout == (True, True, "chunked") and notices == []
         torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_window_is_read_from_each_kind_of_config():
+def test_length_limits_are_read_from_each_kind_of_config():
+    """(sequence, segment, row) = the longest sequence, prefix-shared segment and row of the data."""
     from types import SimpleNamespace as C
 
-    from fastdpo.logps import attention_window
+    from fastdpo.logps import length_limit
 
-    assert attention_window(C(sliding_window=4096)) == 4096  # Mistral v0.1
-    assert attention_window(C(sliding_window=None)) is None  # Mistral v0.2+
-    assert attention_window(C(sliding_window=4096, use_sliding_window=False)) is None  # Qwen2's default
-    assert attention_window(C(sliding_window=512, layer_types=["sliding_attention", "full_attention"])) == 512
-    assert attention_window(C(sliding_window=512, layer_types=["full_attention"])) is None
-    assert attention_window(C(attention_chunk_size=8192, layer_types=["chunked_attention", "full_attention"])) == 8192
-    assert attention_window(C()) is None  # Llama
+    assert "sliding windows of 4096" in length_limit(C(sliding_window=4096), 5000, 9000, 9000)  # Mistral v0.1
+    assert length_limit(C(sliding_window=4096), 4096, 9000, 9000) is None  # no sequence longer than the window
+    assert length_limit(C(sliding_window=None), 5000, 9000, 9000) is None  # Mistral v0.2+
+    assert length_limit(C(sliding_window=4096, use_sliding_window=False), 5000, 9000, 9000) is None  # Qwen2
+    assert length_limit(C(sliding_window=512, layer_types=["sliding_attention", "full_attention"]), 600, 600, 600)
+    assert length_limit(C(sliding_window=512, layer_types=["full_attention"]), 600, 600, 600) is None
+    assert "chunks of 8192" in length_limit(
+        C(attention_chunk_size=8192, layer_types=["chunked_attention", "full_attention"]), 9000, 9000, 9000)
+    assert "position 8192" in length_limit(C(attn_temperature_tuning=True, floor_scale=8192), 5000, 8000, 9000)
+    gpt_neo = C(model_type="gpt_neo", attention_layers=["global", "local"], window_size=256)
+    assert length_limit(gpt_neo, 200, 300, 300) and length_limit(gpt_neo, 200, 250, 600) is None
+    nested = C(get_text_config=lambda decoder: C(sliding_window=1024, layer_types=["sliding_attention"]))  # Gemma 3
+    assert "1024" in length_limit(nested, 2000, 2000, 2000)
+    assert length_limit(C(), 10**6, 10**6, 10**6) is None  # Llama
 
 
 def test_eager_attention_gets_an_additive_mask():

@@ -70,12 +70,15 @@ def make_scorer(model, cfg: Config, pad_token_id: int, sample: list[TokenizedPai
 
 
 def check_sample(pairs: list[TokenizedPair]) -> list[TokenizedPair]:
-    """The shortest and the longest pair, for the exactness checks: padding and packing are both exercised, and a
-    sliding attention window shows wherever it binds."""
+    """For the exactness checks: the shortest pair and the longest (padding and packing both exercised), then the
+    pair with the longest single sequence if that is another (what an attention window is measured against)."""
     if len(pairs) < 2:
         return pairs[:1]
     size = lambda p: len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)  # noqa: E731
-    return [min(pairs, key=size), max(pairs, key=size)]
+    sequence = lambda p: len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))  # noqa: E731
+    sample = [min(pairs, key=size), max(pairs, key=size)]
+    longest = max(pairs, key=sequence)
+    return sample + ([longest] if sequence(longest) > sequence(sample[1]) else [])
 
 
 def reference_logps(reference: Scorer | None, policy: Scorer, batch, pairs, device, like: torch.Tensor):

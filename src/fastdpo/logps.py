@@ -192,10 +192,13 @@ class Scorer:
 
     @torch.no_grad()
     def check(self, pairs, device, notice=print) -> "Scorer":
-        """`pairs`: the data's shortest and longest pair (`evaluate.check_sample`). The comparisons run on them cut
-        to 8 and 16 tokens a part (the plain path builds the full (2B, T, V) logits); what only long sequences
-        would show, an attention window, is read from the model's config."""
-        longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+        """`pairs`: the data's shortest and longest pairs (`evaluate.check_sample`). The comparisons run on the
+        first two cut to 8 and 16 tokens a part (the plain path builds the full (2B, T, V) logits); what only long
+        sequences would show is read from the model's config (`length_limit`)."""
+        sequence = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+        segment = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) \
+            if self.share_prompt else sequence
+        row = max(segment, self.row_length) if self.pack else segment
         pairs = [replace(p, prompt_ids=p.prompt_ids[:n], chosen_ids=p.chosen_ids[:n], rejected_ids=p.rejected_ids[:n],
                          reference_logps=None) for p, n in zip(pairs, (8, 16))]
         plain, _ = sequence_logps(self.model, collate_concatenated(pairs, self.pad_token_id).to(device), "full")
@@ -204,10 +207,10 @@ class Scorer:
             self.head = "full"
         if self.share_prompt or self.pack:
             impl = getattr(self.model.config, "_attn_implementation", "sdpa")
-            window = attention_window(self.model.config)
-            if window and window < longest:  # a 4-D mask replaces the model's own, its window included
-                notice(f"fastdpo: this model attends within windows of {window} tokens and the data has sequences "
-                       f"of {longest}; prefix sharing and packing are off, using the concatenated layout")
+            limit = length_limit(self.model.config, sequence, segment, row)
+            if limit:
+                notice(f"fastdpo: this model has {limit}; prefix sharing and packing are off, using the "
+                       "concatenated layout")
                 self.share_prompt = self.pack = False
             elif impl.startswith("flash") or not _close(self._logps(pairs, device, self.share_prompt, self.pack),
                                                         plain):
@@ -232,17 +235,30 @@ def _close(logps: torch.Tensor | None, plain: torch.Tensor) -> bool:
     return logps is not None and bool(torch.allclose(logps, plain, rtol=1e-4, atol=1e-3))
 
 
-def attention_window(config) -> int | None:
-    """The span a model's attention is limited to in some layer, if any: a sliding window (Mistral v0.1, Gemma 2/3,
-    GPT-OSS, Phi-3 ...) or attention chunks (Llama 4)."""
-    types = getattr(config, "layer_types", None) or ()
+def length_limit(config, sequence: int, segment: int, row: int) -> str | None:
+    """What makes the 4-D mask layouts inexact for this model at these lengths (tokens in the longest sequence,
+    prefix-shared segment and row), or None.
+
+    The 4-D mask replaces the model's own, so a window applied through the mask is lost wherever a sequence is
+    longer than it: a sliding window (Mistral v0.1, Gemma 2/3, GPT-OSS, Phi-3 ...) or attention chunks (Llama 4).
+    GPT-Neo's local window goes by distance in the row, which prefix sharing stretches; Llama 4's attention
+    temperature goes by position in the row."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config  # Gemma 3 nests it
+    types = tuple(getattr(config, "layer_types", None) or ())
+    if getattr(config, "model_type", "") == "gpt_neo" and "local" in (getattr(config, "attention_layers", ()) or ()):
+        if config.window_size < segment:
+            return f"local attention windows of {config.window_size} tokens and rows of {segment}"
     chunk = getattr(config, "attention_chunk_size", None)
-    if chunk and (not types or "chunked_attention" in types):
-        return chunk
+    if chunk and (not types or "chunked_attention" in types) and chunk < sequence:
+        return f"attention chunks of {chunk} tokens and the data sequences of {sequence}"
+    floor = getattr(config, "floor_scale", None)
+    if getattr(config, "attn_temperature_tuning", False) and floor and row > floor:
+        return f"attention temperatures that change at position {floor} and rows of {row}"
     window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:  # Qwen2 declares one, off by default
-        return None
-    return window if not types or "sliding_attention" in types else None
+    if window and getattr(config, "use_sliding_window", True) is not False and window < sequence and (
+            not types or any("sliding" in t for t in types)):  # Qwen2 declares a window, off by default
+        return f"sliding windows of {window} tokens and the data sequences of {sequence}"
+    return None
 
 
 class ScorerModule(torch.nn.Module):
