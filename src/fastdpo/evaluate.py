@@ -74,11 +74,10 @@ def check_sample(pairs: list[TokenizedPair]) -> list[TokenizedPair]:
     pair with the longest single sequence if that is another (what an attention window is measured against)."""
     if len(pairs) < 2:
         return pairs[:1]
-    size = lambda p: len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)  # noqa: E731
-    sequence = lambda p: len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))  # noqa: E731
-    sample = [min(pairs, key=size), max(pairs, key=size)]
-    longest = max(pairs, key=sequence)
-    return sample + ([longest] if sequence(longest) > sequence(sample[1]) else [])
+    shortest, longest = min(pairs, key=lambda p: p.shared_length), max(pairs, key=lambda p: p.shared_length)
+    longest_sequence = max(pairs, key=lambda p: p.longest_sequence)
+    extra = [longest_sequence] if longest_sequence.longest_sequence > longest.longest_sequence else []
+    return [shortest, longest] + extra
 
 
 def reference_logps(reference: Scorer | None, policy: Scorer, batch, pairs, device, like: torch.Tensor):

@@ -195,9 +195,8 @@ class Scorer:
         """`pairs`: the data's shortest and longest pairs (`evaluate.check_sample`). The comparisons run on the
         first two cut to 8 and 16 tokens a part (the plain path builds the full (2B, T, V) logits); what only long
         sequences would show is read from the model's config (`length_limit`)."""
-        sequence = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
-        segment = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) \
-            if self.share_prompt else sequence
+        sequence = max(p.longest_sequence for p in pairs)
+        segment = max(p.shared_length for p in pairs) if self.share_prompt else sequence
         row = max(segment, self.row_length) if self.pack else segment
         pairs = [replace(p, prompt_ids=p.prompt_ids[:n], chosen_ids=p.chosen_ids[:n], rejected_ids=p.rejected_ids[:n],
                          reference_logps=None) for p, n in zip(pairs, (8, 16))]

@@ -34,6 +34,16 @@ class TokenizedPair:
         """Tokens of the pair's two sequences, prompt + chosen and prompt + rejected (the usual tokens/s count)."""
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
+    @property
+    def longest_sequence(self) -> int:
+        """Tokens of the longer of the pair's two sequences, prompt + its longer response."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+    @property
+    def shared_length(self) -> int:
+        """Tokens of the pair's prefix-shared segment, prompt + chosen + rejected."""
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
 
 @dataclass
 class TokenizeStats:
