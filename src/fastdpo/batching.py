@@ -12,8 +12,8 @@ layout.
 - packed: several segments per row, each attending only to itself (block-diagonal), with positions restarting
   per segment. Rows are no longer than the longest segment of the batch (or `row_length`), so a row never pays a
   dense attention mask much larger than one long pair's. Their width is rounded up to one of 8 sizes per power of
-  two (at most 1/8 padding), so a run meets few distinct shapes: kernels are chosen and cached per shape (oneDNN's
-  bf16 CPU kernels keep some MB for each shape they have seen, for the life of the process).
+  two (at most 1/8 padding), so a run meets few distinct shapes: kernels are chosen and cached per shape (torch's
+  bf16 CPU kernels keep MBs of heap for each shape they have seen, for the life of the process).
 
 Prefix-shared and packed segments use a 4-D boolean mask `(R, 1, L, L)`, True where attention is allowed.
 """
