@@ -104,12 +104,15 @@ class ChunkedHeadLogps(torch.autograd.Function):
         w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]  # a frozen lm_head (LoRA) needs no grad
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight \
-            else None  # (V, H), accumulated in float32
-        # a float32 matmul accumulates into grad_weight directly; a lower-precision one goes through one (V, H)
-        # buffer in its dtype (CPU matmuls cannot write another dtype)
+        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_weight \
+            else None  # (V, H), summed in float32 over the chunks; the first chunk writes it
+        # a float32 matmul accumulates into grad_weight directly; a lower-precision one writes one (V, H) buffer in
+        # its dtype (CPU matmuls cannot write another dtype), which is added in float32. CPU kernels would cast it
+        # into a new (V, H) temporary at every chunk, so it goes through one float32 staging buffer (CUDA casts
+        # inside the kernel and needs none)
         partial = torch.empty(weight.shape, dtype=dtype, device=weight.device) \
             if need_weight and dtype != torch.float32 else None
+        stage = torch.empty_like(grad_weight) if partial is not None and weight.device.type == "cpu" else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
         probs = _chunk_buffer(hidden, weight, ctx.chunk, dtype)  # (c, V)
         with torch.autocast(device, enabled=False):
@@ -121,15 +124,20 @@ class ChunkedHeadLogps(torch.autograd.Function):
                 # so a confident prediction's small 1 - p is not lost to rounding. g scales the (c, H) side.
                 p = _logits(h, w, b, out=probs[:c])  # (c, V)
                 torch._softmax(p, -1, False, out=p)
-                p.scatter_(-1, lab[:, None], (logps[s : s + c, None].exp() - 1).to(dtype))
+                rows = torch.arange(c, device=p.device)  # index_put_, not scatter_ (CPU's bf16 scatter_ copies p twice)
+                p.index_put_((rows, lab), (logps[s : s + c].exp() - 1).to(dtype))
                 if need_hidden:
                     grad_hidden[s : s + c] = ((p @ w).float() * -g).to(hidden.dtype)  # (c, H)
                 if need_weight:
-                    hg = (h.float() * g).to(dtype)  # (c, H)
-                    if partial is None:
-                        grad_weight.addmm_(p.t(), hg, alpha=-1)  # (V, H)
+                    hg = (h.float() * -g).to(dtype)  # (c, H)
+                    if partial is None:  # (V, H)
+                        torch.mm(p.t(), hg, out=grad_weight) if s == 0 else grad_weight.addmm_(p.t(), hg)
                     else:
-                        grad_weight.sub_(torch.mm(p.t(), hg, out=partial))
+                        torch.mm(p.t(), hg, out=partial)
+                        if s == 0:
+                            grad_weight.copy_(partial)
+                        else:
+                            grad_weight.add_(stage.copy_(partial) if stage is not None else partial)
                 if need_bias:
                     grad_bias.sub_((g.t().to(dtype) @ p).float().squeeze(0))
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
