@@ -61,3 +61,17 @@ def test_resume_wins_over_a_saved_overwrite():
 def test_reference_free_losses_default_to_no_reference():
     assert build_config(["--loss", "simpo"]).reference == "none"
     assert build_config(["--loss", "simpo", "--ref_model", "x"]).reference == "model"
+
+
+def test_gradient_checkpointing_auto_is_on_for_lora_only_and_saved_resolved(tmp_path):
+    assert build_config([]).gradient_checkpointing == "false"
+    assert build_config(["--lora_r", "8"]).gradient_checkpointing == "true"
+    assert build_config(["--lora_r", "8", "--gradient_checkpointing", "off"]).gradient_checkpointing == "false"
+    assert build_config(["--gradient_checkpointing", "--beta", "0.2"]).gradient_checkpointing == "true"
+    path = tmp_path / "c.yaml"
+    path.write_text("gradient_checkpointing: true\n")  # a YAML boolean
+    assert build_config(["--config", str(path)]).gradient_checkpointing == "true"
+    path.write_text(build_config(["--lora_r", "8"]).to_yaml())
+    assert "gradient_checkpointing: 'true'" in path.read_text()
+    with pytest.raises(UserError, match="--gradient_checkpointing: expected true, false or auto, got 'maybe'"):
+        build_config(["--gradient_checkpointing", "maybe"])

@@ -62,6 +62,7 @@ def trained(base, tmp_path_factory):
             seen["policy"] = sequence_logps(model.get_base_model(), batch)[0]
         seen["base_after"] = {k: v.clone() for k, v in model.get_base_model().state_dict().items()
                               if "lora_" not in k}
+        seen["checkpointing"] = model.get_base_model().is_gradient_checkpointing
         return save(cfg, model, *args)
 
     mp = pytest.MonkeyPatch()
@@ -82,6 +83,7 @@ def test_reference_is_the_base_model_and_only_adapters_train(trained):
     for key, value in seen["base_before"].items():
         assert torch.equal(value, seen["base_after"][key]), key
     assert (seen["policy"] - seen["base_model"]).abs().max() > 1e-3  # the adapters did learn something
+    assert seen["checkpointing"]  # --gradient_checkpointing auto: on with LoRA
 
 
 def test_saved_adapter_and_merged_model_reproduce_the_policy(base, trained):

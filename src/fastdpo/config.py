@@ -97,7 +97,8 @@ class Config:
     pack_length: int = _f(0, "tokens per packed row (0: the longest pair of the micro-batch)")
     group_by_length: bool = _f(False, "batch pairs of similar length together (less padding when not packing)")
     logits_chunk_size: int = _f(256, "response positions per lm_head chunk (0: the model's full logits)")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, ~30% more time")
+    gradient_checkpointing: str = _f("auto", "recompute activations in backward: less memory, more time (true, "
+                                             "false; auto: on with LoRA, off for full fine-tuning)")
 
     def __post_init__(self):
         self.validate()
@@ -153,6 +154,12 @@ class Config:
         lora = self.lora_r > 0 or self.adapter
         if self.merge_lora and not lora:
             bad("merge_lora", "needs LoRA (--lora_r R or --adapter DIR)")
+        checkpointing = _BOOL_WORDS.get(str(self.gradient_checkpointing).strip().lower(), "?")
+        if checkpointing == "?":
+            bad("gradient_checkpointing", f"expected true, false or auto, got {self.gradient_checkpointing!r}")
+        # auto: a LoRA run is chosen to save memory (TRL and torchtune checkpoint by default); the resolved value
+        # is what the saved config shows
+        self.gradient_checkpointing = ("true" if lora else "false") if checkpointing == "auto" else checkpointing
         if self.precision == "fp16" and not _cuda():
             bad("precision", "fp16 autocast needs a CUDA GPU; on CPU use --precision bf16 (or fp32)")
         if self.load_in_4bit and not lora:
@@ -177,6 +184,11 @@ class Config:
 
 
 # --- parsing ----------------------------------------------------------------------------------------------------
+
+
+_BOOL_WORDS = {**dict.fromkeys(("true", "1", "yes", "on"), "true"),
+               **dict.fromkeys(("false", "0", "no", "off"), "false"), "auto": "auto"}
+SWITCHES = ("gradient_checkpointing",)  # text fields that also take a bare --flag, meaning true
 
 
 def field_types(cls=Config) -> dict[str, type]:
@@ -238,7 +250,7 @@ def parse_flags(argv: list[str], allowed: typing.Iterable[str], types: dict[str,
             raise _unknown(key, allowed, "--")
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if types[key] is bool and (nxt is None or nxt.startswith("--")):
+            if (types[key] is bool or key in SWITCHES) and (nxt is None or nxt.startswith("--")):
                 value = "true"
             elif nxt is None:
                 raise UserError(f"--{key}: needs a value", exit_code=2)

@@ -111,7 +111,7 @@ def train(cfg: Config, quickstart: bool = False) -> TrainResult:
         precompute_reference(ref_scorer, sets, cfg.eval_batch_size or cfg.micro_batch_size or cfg.batch_size,
                              device, accelerator.autocast, cfg.precision, reference_cache_dir(cfg), log, processes)
         ref_scorer = None  # the separate reference model, if any, is freed with it
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing == "true":
         policy_scorer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     if cfg.batch_size % world:
