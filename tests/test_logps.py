@@ -283,9 +283,11 @@ def test_chunked_head_equals_autograd_of_the_full_log_softmax(confident):
         torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_head_in_bf16_matches_float32_to_bf16_accuracy():
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_chunked_head_in_bf16_matches_float32_to_bf16_accuracy(chunk):
     """Values and the hidden, weight and bias gradients under bf16 autocast (the weight gradient goes through a bf16
-    (V, H) partial product per chunk, summed in float32) against the float32 path, with a partial last chunk."""
+    (V, H) partial product per chunk, summed in float32) against the float32 path: several chunks with a partial
+    last one (4), and one chunk holding every row (16)."""
     torch.manual_seed(0)
     M, H, V = 11, 32, 50
     hidden, weight, bias = torch.randn(M, H), torch.randn(V, H) * 0.1, torch.randn(V) * 0.1
@@ -294,7 +296,7 @@ def test_chunked_head_in_bf16_matches_float32_to_bf16_accuracy():
     for autocast in (False, True):
         h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = ChunkedHeadLogps.apply(h, w, b, labels, 4)
+            out = ChunkedHeadLogps.apply(h, w, b, labels, chunk)
         out.backward(grad_out)
         results.append((out.detach(), h.grad, w.grad, b.grad))
     for full, low in zip(*results):
@@ -326,3 +328,13 @@ def test_chunked_head_in_bf16_keeps_a_confident_tokens_gradient():
     assert 0.99 < out.exp().min() and out.exp().max() < 0.9999
     rel = (grads[1] - grads[0]).norm(dim=-1) / grads[0].norm(dim=-1)
     assert rel.max() < 0.05, rel
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_head_with_no_rows_gives_zero_weight_gradient(autocast):
+    weight = torch.randn(50, 32, requires_grad=True)
+    hidden = torch.randn(0, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = ChunkedHeadLogps.apply(hidden, weight, None, torch.zeros(0, dtype=torch.long), 4)
+    out.sum().backward()
+    assert out.shape == (0,) and torch.equal(weight.grad, torch.zeros(50, 32))

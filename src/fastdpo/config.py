@@ -97,8 +97,9 @@ class Config:
     pack_length: int = _f(0, "tokens per packed row (0: the longest pair of the micro-batch)")
     group_by_length: bool = _f(False, "batch pairs of similar length together (less padding when not packing)")
     logits_chunk_size: int = _f(256, "response positions per lm_head chunk (0: the model's full logits)")
-    gradient_checkpointing: str = _f("auto", "recompute activations in backward: less memory, more time (true, "
-                                             "false; auto: on with LoRA, off for full fine-tuning)")
+    gradient_checkpointing: str = _f("auto", "recompute activations in backward: less memory, more time (true or "
+                                             "a bare --gradient_checkpointing, false; auto: on with LoRA, off for "
+                                             "full fine-tuning)")
 
     def __post_init__(self):
         self.validate()
@@ -237,7 +238,8 @@ def _unknown(key: str, known, source: str) -> UserError:
 
 
 def parse_flags(argv: list[str], allowed: typing.Iterable[str], types: dict[str, type]) -> dict:
-    """`--key value`, `--key=value`, and bare `--switch` for booleans -> {key: value} (values typed)."""
+    """`--key value`, `--key=value`, and bare `--switch` (= true) for booleans and SWITCHES -> {key: value}
+    (values typed)."""
     allowed = list(allowed)
     out, i = {}, 0
     while i < len(argv):

@@ -104,7 +104,8 @@ class ChunkedHeadLogps(torch.autograd.Function):
         w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]  # a frozen lm_head (LoRA) needs no grad
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_weight \
+        alloc = torch.empty if hidden.shape[0] else torch.zeros  # no rows: no chunk writes the weight gradient
+        grad_weight = alloc(weight.shape, dtype=torch.float32, device=weight.device) if need_weight \
             else None  # (V, H), summed in float32 over the chunks; the first chunk writes it
         # a float32 matmul accumulates into grad_weight directly; a lower-precision one writes one (V, H) buffer in
         # its dtype (CPU matmuls cannot write another dtype), which is added in float32. CPU kernels would cast it
@@ -112,7 +113,8 @@ class ChunkedHeadLogps(torch.autograd.Function):
         # inside the kernel and needs none)
         partial = torch.empty(weight.shape, dtype=dtype, device=weight.device) \
             if need_weight and dtype != torch.float32 else None
-        stage = torch.empty_like(grad_weight) if partial is not None and weight.device.type == "cpu" else None
+        stage = torch.empty_like(grad_weight) \
+            if partial is not None and weight.device.type == "cpu" and hidden.shape[0] > ctx.chunk else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
         probs = _chunk_buffer(hidden, weight, ctx.chunk, dtype)  # (c, V)
         with torch.autocast(device, enabled=False):
@@ -121,7 +123,7 @@ class ChunkedHeadLogps(torch.autograd.Function):
                 h, g, lab = hidden[s : s + c], grad_out[s : s + c, None], labels[s : s + c]
                 # d logp / d logits = -(softmax - onehot): the softmax is taken in float32 inside the kernel and
                 # stored in the matmul dtype; the label entries are set to p - 1 from the float32 forward output,
-                # so a confident prediction's small 1 - p is not lost to rounding. g scales the (c, H) side.
+                # so a confident prediction's small 1 - p is not lost to rounding. -g scales the (c, H) side.
                 p = _logits(h, w, b, out=probs[:c])  # (c, V)
                 torch._softmax(p, -1, False, out=p)
                 rows = torch.arange(c, device=p.device)  # index_put_, not scatter_ (CPU's bf16 scatter_ copies p twice)
