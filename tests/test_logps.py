@@ -338,3 +338,23 @@ def test_chunked_head_with_no_rows_gives_zero_weight_gradient(autocast):
         out = ChunkedHeadLogps.apply(hidden, weight, None, torch.zeros(0, dtype=torch.long), 4)
     out.sum().backward()
     assert out.shape == (0,) and torch.equal(weight.grad, torch.zeros(50, 32))
+
+
+def test_llama4_text_model_gets_the_chunked_head_and_exact_logps():
+    """Llama4ForCausalLM's base_model_prefix names the multimodal model's attribute; its body is `model`. The
+    scorer must still find it (no fallback to full logits), and the fast path must match a per-token loop."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    config = Llama4TextConfig(vocab_size=40, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                              num_local_experts=2, attention_chunk_size=64, bos_token_id=0, eos_token_id=1,
+                              pad_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(config).eval()
+    scorer = Scorer(model, 2).check(PAIRS, "cpu", notice=pytest.fail)
+    assert scorer.layout == (True, True, "chunked")
+    with torch.no_grad():
+        chosen, rejected = split_pairs(scorer(scorer.collate(PAIRS))[0])
+    for i, pair in enumerate(PAIRS):
+        assert abs(chosen[i].item() - naive_logps(model, pair.prompt_ids, pair.chosen_ids)) < 1e-4
+        assert abs(rejected[i].item() - naive_logps(model, pair.prompt_ids, pair.rejected_ids)) < 1e-4

@@ -56,8 +56,11 @@ def _gather_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def backbone(model):
-    """The transformer body of a causal LM (its forward returns `last_hidden_state`)."""
-    return getattr(model, model.base_model_prefix)
+    """The transformer body of a causal LM (its forward returns `last_hidden_state`): the module named by
+    `base_model_prefix`, else `model.model` (Llama 4's text-only LM keeps its body there while its prefix names the
+    multimodal model's attribute)."""
+    body = getattr(model, model.base_model_prefix, None)
+    return body if isinstance(body, torch.nn.Module) else model.model
 
 
 def head_logps(head, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
