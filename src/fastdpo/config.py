@@ -210,12 +210,10 @@ def convert(key: str, value, typ: type, source: str):
         if typ is bool:
             if isinstance(value, bool):
                 return value
-            text = str(value).strip().lower()
-            if text in ("true", "1", "yes", "on"):
-                return True
-            if text in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
+            word = _BOOL_WORDS.get(str(value).strip().lower())
+            if word not in ("true", "false"):
+                raise ValueError
+            return word == "true"
         if typ is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError

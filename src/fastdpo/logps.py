@@ -135,8 +135,10 @@ class ChunkedHeadLogps(torch.autograd.Function):
                     grad_hidden[s : s + c] = ((p @ w).float() * -g).to(hidden.dtype)  # (c, H)
                 if need_weight:
                     hg = (h.float() * -g).to(dtype)  # (c, H)
-                    if partial is None:  # (V, H)
-                        torch.mm(p.t(), hg, out=grad_weight) if s == 0 else grad_weight.addmm_(p.t(), hg)
+                    if partial is None and s == 0:  # (V, H)
+                        torch.mm(p.t(), hg, out=grad_weight)
+                    elif partial is None:
+                        grad_weight.addmm_(p.t(), hg)
                     else:
                         torch.mm(p.t(), hg, out=partial)
                         if s == 0:
