@@ -240,7 +240,10 @@ def child_fastdpo(spec: dict) -> dict:
     """Time fastdpo's train() from the call to its return, minus the final model save (TRL saves nothing)."""
     import accelerate  # noqa: F401  imported before the clock starts, as TRL's child imports them with trl
 
-    import fastdpo.train as ft
+    try:
+        import fastdpo.training as ft
+    except ImportError:  # fastdpo before commit "One structure...": the loop lived in fastdpo/train.py
+        import fastdpo.train as ft
     from fastdpo.config import build_config
 
     saved = {"s": 0.0}

@@ -56,7 +56,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import fastdpo.reference as reference
-    import fastdpo.train as ft
+    import fastdpo.training as ft
     from fastdpo.config import build_config
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="fastdpo-profile-")

@@ -152,7 +152,7 @@ def test_every_shipped_accelerate_config_loads_and_is_documented():
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 def test_unshard_inverts_shard_for_uneven_lengths(world):
-    from fastdpo.parallel import Processes
+    from fastdpo.runtime import Processes
 
     items = list(range(11))
     shards = [Processes(rank, world).shard(items) for rank in range(world)]
@@ -172,11 +172,10 @@ def test_pooled_means_weight_each_process_by_its_pairs():
 def test_every_process_runs_the_same_number_of_micro_batches(n, world, micro):
     """FSDP gathers weights in every forward, so all processes must run as many; the padding ones have scale 0 and
     every real pair is scored exactly once, with scale world / n (DDP then averages over the processes)."""
-    from fastdpo.parallel import Processes
-    from fastdpo.train import process_micro_batches
+    from fastdpo.runtime import Processes
 
     positions = list(range(100, 100 + n))
-    per_rank = [process_micro_batches(positions, Processes(rank, world), micro) for rank in range(world)]
+    per_rank = [Processes(rank, world).micro_batches(positions, micro) for rank in range(world)]
     assert len({len(batches) for batches in per_rank}) == 1
     real = [i for batches in per_rank for chunk, scale in batches if scale for i in chunk]
     assert sorted(real) == positions

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastdpo.config import build_config
-from fastdpo.train import train
+from fastdpo.training import train
 
 from conftest import assert_same_weights, example_rows, make_model_dir, write_jsonl
 

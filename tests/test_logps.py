@@ -6,8 +6,9 @@ import itertools
 
 import pytest
 
-from fastdpo.batching import bucket_width, collate_concatenated, collate_packed
-from fastdpo.logps import ChunkedHeadLogps, Scorer, sequence_logps, split_pairs
+from fastdpo.batching import Layout, bucket_width, collate_concatenated, collate_packed
+from fastdpo.head import ChunkedHeadLogps
+from fastdpo.logps import LogpsModule, check_layout, check_sample, sequence_logps, split_pairs
 from fastdpo.tokenize import TokenizedPair
 
 from conftest import tiny_llama
@@ -133,41 +134,84 @@ def test_prefix_shared_segment_mask_and_positions():
     assert batch.score_seq.tolist() == [0, 0, 1, 1]
 
 
-def test_scorer_falls_back_where_the_model_cannot_take_the_mask(monkeypatch):
-    import fastdpo.logps as logps_module
+def kind(layout: Layout) -> tuple:
+    return layout.share_prompt, layout.pack, layout.head
+
+
+def checked(model, sample, notice, **requested) -> Layout:
+    """The layout the start-up check chooses for `model` (pad id 2, on the CPU)."""
+    return check_layout(model, Layout(**requested), sample, 2, "cpu", notice=notice)
+
+
+def body_forward_with_4d_masks(model, replacement):
+    """Make the model's body call `replacement(mask)` on a 4-D attention mask: it returns the mask to use, or
+    raises (a model that cannot take such a mask)."""
+    body, original = model.model, model.model.forward
+
+    def forward(*args, attention_mask=None, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = replacement(attention_mask)
+        return original(*args, attention_mask=attention_mask, **kwargs)
+
+    body.forward = forward
+
+
+def test_scorer_falls_back_where_the_model_cannot_take_the_mask():
+    model = tiny_llama(40)
+    layout = checked(model, PAIRS, notice=lambda text: None)
+    assert kind(layout) == (True, True, "chunked")
+    body_forward_with_4d_masks(model, lambda mask: None)  # a model that ignores 4-D masks (causal over the row)
+    notices = []
+    layout = checked(model, PAIRS, notice=notices.append)
+    assert kind(layout) == (False, False, "chunked") and "concatenated layout" in notices[0]
+
+
+def test_a_model_that_refuses_a_4d_mask_falls_back_with_its_error_in_the_notice():
+    def refuse(mask):
+        raise RuntimeError("Attention mask should be of size (1, 1, 24, 24)")
 
     model = tiny_llama(40)
-    scorer = Scorer(model, 2).check(PAIRS, "cpu", notice=lambda text: None)
-    assert scorer.layout == (True, True, "chunked")
-    original = logps_module.attention_mask_for
-    # a model that ignores 4-D masks (attends causally over the whole row)
-    monkeypatch.setattr(logps_module, "attention_mask_for",
-                        lambda model, batch: None if batch.attention_mask.dim() == 4 else original(model, batch))
+    body_forward_with_4d_masks(model, refuse)
     notices = []
-    scorer = Scorer(model, 2).check(PAIRS, "cpu", notice=notices.append)
-    assert scorer.layout == (False, False, "chunked") and "concatenated layout" in notices[0]
+    layout = checked(model, PAIRS, notice=notices.append)
+    assert kind(layout) == (False, False, "chunked")
+    assert "RuntimeError: Attention mask should be of size" in notices[0] and len(notices) == 1
 
 
-def test_exactness_checks_take_the_shortest_and_longest_pair_and_compare_them_cut_short(monkeypatch):
-    import fastdpo.logps as logps_module
-    from fastdpo.evaluate import check_sample
+@pytest.mark.parametrize("error", [AttributeError, TypeError, KeyError, IndexError])
+def test_a_bug_in_a_fast_path_surfaces_instead_of_becoming_a_fallback(error):
+    """Only the failures a model that cannot take a 4-D mask raises are caught; anything else is a bug."""
+    def broken(mask):
+        raise error("a bug")
 
+    model = tiny_llama(40)
+    body_forward_with_4d_masks(model, broken)
+    with pytest.raises(error, match="a bug"):
+        checked(model, PAIRS, notice=pytest.fail)
+
+
+def test_a_bug_in_the_chunked_head_surfaces(monkeypatch):
+    model = tiny_llama(40)
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: None)  # the head code then calls None
+    with pytest.raises(TypeError, match="not callable"):
+        checked(model, PAIRS, notice=pytest.fail)
+
+
+def test_exactness_checks_take_the_shortest_and_longest_pair_and_compare_them_cut_short():
     pairs = [TokenizedPair([0] + list(range(3, 3 + n)), list(range(40, 40 + n)) + [1], list(range(60, 60 + n)) + [1],
                            index=n) for n in (30, 5, 40, 12)]
     assert [p.index for p in check_sample(pairs)] == [5, 40]
     # the longest single sequence can be in a pair that is not the longest overall: it is added
     uneven = TokenizedPair([0, 3], list(range(100, 169)) + [1], [1], index=99)  # 2 + 70 tokens: 73 < 93 in all
     assert [p.index for p in check_sample(pairs[:2] + [uneven])] == [5, 30, 99]
-    widths = []
-    original = logps_module.sequence_logps
-
-    def recording(model, batch, head="chunked", chunk_size=1024):
-        widths.append((head, batch.input_ids.shape[1]))
-        return original(model, batch, head, chunk_size)
-
-    monkeypatch.setattr(logps_module, "sequence_logps", recording)
-    scorer = Scorer(tiny_llama(100), 2, chunk_size=7).check(check_sample(pairs), "cpu", notice=pytest.fail)
-    assert scorer.layout == (True, True, "chunked")
+    widths = []  # (path, row width) of every forward the check runs: the full model's, then every body's
+    model = tiny_llama(100)
+    model.register_forward_pre_hook(lambda m, a, kw: widths.append(("full", kw["input_ids"].shape[1])),
+                                    with_kwargs=True)
+    model.model.register_forward_pre_hook(lambda m, a, kw: widths.append(("body", kw["input_ids"].shape[1])),
+                                          with_kwargs=True)
+    layout = checked(model, check_sample(pairs), notice=pytest.fail, chunk_size=7)
+    assert kind(layout) == (True, True, "chunked")
     assert [w for head, w in widths if head == "full"] == [32]  # 16 + 16 tokens, not 41 + 41
     assert max(w for head, w in widths) <= 16 * 3  # the layouts too: the shared row is 16 + 16 + 16
 
@@ -175,7 +219,7 @@ def test_exactness_checks_take_the_shortest_and_longest_pair_and_compare_them_cu
 @pytest.mark.parametrize("window", [4, 64])
 def test_sliding_window_shorter_than_the_data_turns_the_mask_layouts_off(window):
     """A 4-D mask replaces the model's own, its sliding window included: where the window binds (4 < 10 tokens)
-    the shared layout would differ from the plain path, so the scorer falls back; where it cannot (64) it stays."""
+    the shared layout would differ from the plain path, so the check falls back; where it cannot (64) it stays."""
     from transformers import MistralConfig, MistralForCausalLM
 
     config = MistralConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -184,14 +228,14 @@ def test_sliding_window_shorter_than_the_data_turns_the_mask_layouts_off(window)
     torch.manual_seed(0)
     model = MistralForCausalLM(config).eval()
     notices = []
-    scorer = Scorer(model, 2).check(PAIRS, "cpu", notice=notices.append)
+    layout = checked(model, PAIRS, notice=notices.append)
     plain, _ = sequence_logps(model, collate_concatenated(PAIRS, 2), "full")
     shared, _ = sequence_logps(model, collate(PAIRS, True, True), "chunked")
     if window == 4:
-        assert scorer.layout == (False, False, "chunked") and "sliding windows of 4 tokens" in notices[0]
+        assert kind(layout) == (False, False, "chunked") and "sliding windows of 4 tokens" in notices[0]
         assert not torch.allclose(shared, plain, atol=1e-4)  # why: the window is lost in the shared layout
     else:
-        assert scorer.layout == (True, True, "chunked") and notices == []
+        assert kind(layout) == (True, True, "chunked") and notices == []
         torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
 
 
@@ -342,7 +386,7 @@ def test_chunked_head_with_no_rows_gives_zero_weight_gradient(autocast):
 
 def test_llama4_text_model_gets_the_chunked_head_and_exact_logps():
     """Llama4ForCausalLM's base_model_prefix names the multimodal model's attribute; its body is `model`. The
-    scorer must still find it (no fallback to full logits), and the fast path must match a per-token loop."""
+    check must still find it (no fallback to full logits), and the fast path must match a per-token loop."""
     from transformers import Llama4ForCausalLM, Llama4TextConfig
 
     config = Llama4TextConfig(vocab_size=40, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
@@ -351,10 +395,10 @@ def test_llama4_text_model_gets_the_chunked_head_and_exact_logps():
                               pad_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = Llama4ForCausalLM(config).eval()
-    scorer = Scorer(model, 2).check(PAIRS, "cpu", notice=pytest.fail)
-    assert scorer.layout == (True, True, "chunked")
+    layout = checked(model, PAIRS, notice=pytest.fail)
+    assert kind(layout) == (True, True, "chunked")
     with torch.no_grad():
-        chosen, rejected = split_pairs(scorer(scorer.collate(PAIRS))[0])
+        chosen, rejected = split_pairs(LogpsModule(model, layout)(layout.collate(PAIRS, 2))[0])
     for i, pair in enumerate(PAIRS):
         assert abs(chosen[i].item() - naive_logps(model, pair.prompt_ids, pair.chosen_ids)) < 1e-4
         assert abs(rejected[i].item() - naive_logps(model, pair.prompt_ids, pair.rejected_ids)) < 1e-4

@@ -12,9 +12,11 @@ from fastdpo.batching import collate_concatenated  # noqa: E402
 from fastdpo.config import build_config  # noqa: E402
 from fastdpo.errors import UserError  # noqa: E402
 from fastdpo.logps import sequence_logps  # noqa: E402
-from fastdpo.train import train  # noqa: E402
+from fastdpo.reference import NoReference  # noqa: E402
+from fastdpo.training import fit, setup, train  # noqa: E402
 
 from conftest import load_state, model_and_pairs, run_cli  # noqa: E402
+from test_train import cut_after_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,36 +44,21 @@ def probe_batch(base):
 @pytest.fixture(scope="module")
 def trained(base, tmp_path_factory):
     """A LoRA run; captures the reference's and the trained policy's log-probs on a probe batch in memory."""
-    import fastdpo.train as train_module
     from transformers import AutoModelForCausalLM
 
     out = tmp_path_factory.mktemp("run") / "out"
     batch = probe_batch(base)
     seen = {}
-    build, save = train_module.build_reference, train_module.save_final
-
-    def capture_reference(cfg, policy, policy_scorer, *args):
-        reference = build(cfg, policy, policy_scorer, *args)
-        seen["reference"] = reference(batch)[0]
-        seen["base_before"] = {k: v.clone() for k, v in policy.get_base_model().state_dict().items()
-                               if "lora_" not in k}
-        return reference
-
-    def capture_policy(cfg, model, *args):
-        with torch.no_grad():
-            seen["policy"] = sequence_logps(model.get_base_model(), batch)[0]
-        seen["base_after"] = {k: v.clone() for k, v in model.get_base_model().state_dict().items()
-                              if "lora_" not in k}
-        seen["checkpointing"] = model.get_base_model().is_gradient_checkpointing
-        return save(cfg, model, *args)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(train_module, "build_reference", capture_reference)
-    mp.setattr(train_module, "save_final", capture_policy)
-    try:
-        train(build_config(flags(base, out, "--lora_r", "4", "--lora_alpha", "8", "--merge_lora")))
-    finally:
-        mp.undo()
+    run = setup(build_config(flags(base, out, "--lora_r", "4", "--lora_alpha", "8", "--merge_lora")))
+    seen["reference"] = run.reference.logps(batch, range(batch.num_pairs))
+    seen["base_before"] = {k: v.clone() for k, v in run.policy.get_base_model().state_dict().items()
+                           if "lora_" not in k}
+    fit(run)
+    with torch.no_grad():
+        seen["policy"] = sequence_logps(run.policy.get_base_model(), batch)[0]
+    seen["base_after"] = {k: v.clone() for k, v in run.policy.get_base_model().state_dict().items()
+                          if "lora_" not in k}
+    seen["checkpointing"] = run.policy.get_base_model().is_gradient_checkpointing
     with torch.no_grad():
         seen["base_model"] = sequence_logps(AutoModelForCausalLM.from_pretrained(base[1]), batch)[0]
     return out, batch, seen
@@ -112,20 +99,9 @@ def test_eval_accepts_an_adapter_directory(base, trained, capsys, tmp_path):
     torch.testing.assert_close(got, seen["policy"], atol=1e-3, rtol=0)
 
 
-def test_lora_resume_equals_an_uninterrupted_run(base, tmp_path, monkeypatch):
-    import fastdpo.train as train_module
-
+def test_lora_resume_equals_an_uninterrupted_run(base, tmp_path):
     train(build_config(flags(base, tmp_path / "full", "--lora_r", "4", "--max_steps", "4", "--save_steps", "2")))
-    original = train_module.save_checkpoint
-
-    def save_then_die(output_dir, step, *args, **kwargs):
-        original(output_dir, step, *args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(build_config(flags(base, tmp_path / "cut", "--lora_r", "4", "--max_steps", "4", "--save_steps", "2")))
-    monkeypatch.setattr(train_module, "save_checkpoint", original)
+    cut_after_checkpoint(tmp_path / "full", tmp_path / "cut", step=2)
     train(build_config(flags(base, tmp_path / "cut", "--lora_r", "4", "--max_steps", "4", "--save_steps", "2",
                              "--resume")))
     from safetensors.torch import load_file
@@ -136,22 +112,15 @@ def test_lora_resume_equals_an_uninterrupted_run(base, tmp_path, monkeypatch):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
 
 
-def test_tr_dpo_sync_follows_the_formula(base, tmp_path, monkeypatch):
+def test_tr_dpo_sync_follows_the_formula(base, tmp_path):
     """One step with ref_sync_steps 1, α = 0.25: ref = 0.25·policy_after_step + 0.75·policy_before."""
-    import fastdpo.train as train_module
-
     seen = {}
-    build = train_module.build_reference
-
-    def capture(cfg, policy, *args):
-        reference = build(cfg, policy, *args)
-        seen["start"] = {k: v.clone() for k, v in policy.state_dict().items()}
-        seen["reference"] = reference.model
-        return reference
-
-    monkeypatch.setattr(train_module, "build_reference", capture)
     out = tmp_path / "out"
-    train(build_config(flags(base, out, "--max_steps", "1", "--ref_sync_steps", "1", "--ref_sync_alpha", "0.25")))
+    run = setup(build_config(flags(base, out, "--max_steps", "1", "--ref_sync_steps", "1", "--ref_sync_alpha",
+                                   "0.25")))
+    seen["start"] = {k: v.clone() for k, v in run.policy.state_dict().items()}
+    seen["reference"] = run.reference.model
+    fit(run)
     trained = load_state(out)
     moved = 0
     for key, ref in seen["reference"].state_dict().items():
@@ -164,11 +133,12 @@ def test_tr_dpo_sync_follows_the_formula(base, tmp_path, monkeypatch):
 def test_reference_none_with_simpo_never_builds_a_reference(base, tmp_path, monkeypatch):
     import copy
 
-    import fastdpo.train as train_module
+    from transformers import AutoModelForCausalLM
 
     loads = []
-    original_load = train_module.load_model
-    monkeypatch.setattr(train_module, "load_model", lambda *a, **k: loads.append(a) or original_load(*a, **k))
+    original_load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loads.append(a) or original_load(*a, **k))
     deepcopy = copy.deepcopy
 
     def no_model_copies(obj, *args, **kwargs):
@@ -176,12 +146,9 @@ def test_reference_none_with_simpo_never_builds_a_reference(base, tmp_path, monk
         return deepcopy(obj, *args, **kwargs)
 
     monkeypatch.setattr(copy, "deepcopy", no_model_copies)
-    built = []
-    build = train_module.build_reference
-    monkeypatch.setattr(train_module, "build_reference", lambda *a: built.append(build(*a)) or built[-1])
-    result = train(build_config(flags(base, tmp_path / "out", "--reference", "none", "--loss", "simpo", "--beta",
-                                      "2")))
-    assert len(loads) == 1 and built == [None] and result.steps == 3
+    run = setup(build_config(flags(base, tmp_path / "out", "--reference", "none", "--loss", "simpo", "--beta", "2")))
+    result = fit(run)
+    assert len(loads) == 1 and isinstance(run.reference, NoReference) and result.steps == 3
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -203,28 +170,14 @@ def test_a_bad_adapter_path_is_one_line(base, tmp_path, capsys):
 
 def test_adapter_reference_has_no_dropout(base, trained, tmp_path):
     """A starting adapter saved with dropout 0.5: its frozen "ref" copy must still score deterministically."""
-    import fastdpo.train as train_module
-
     out, batch, seen = trained
     config = json.loads((out / "adapter_config.json").read_text())
     noisy = tmp_path / "noisy"
     noisy.mkdir()
     (noisy / "adapter_config.json").write_text(json.dumps(dict(config, lora_dropout=0.5)))
     (noisy / "adapter_model.safetensors").write_bytes((out / "adapter_model.safetensors").read_bytes())
-    refs = []
-    build = train_module.build_reference
-
-    def capture(*args):
-        reference = build(*args)
-        args[1].train()
-        refs.extend([reference(batch)[0], reference(batch)[0]])
-        return reference
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(train_module, "build_reference", capture)
-    try:
-        train(build_config(flags(base, tmp_path / "o", "--adapter", str(noisy), "--max_steps", "1")))
-    finally:
-        mp.undo()
+    run = setup(build_config(flags(base, tmp_path / "o", "--adapter", str(noisy), "--max_steps", "1")))
+    run.policy.train()
+    refs = [run.reference.logps(batch, range(batch.num_pairs)) for _ in range(2)]
     torch.testing.assert_close(refs[0], refs[1], atol=0, rtol=0)
     torch.testing.assert_close(refs[0], seen["policy"], atol=1e-4, rtol=0)  # the ref copy is the trained adapter

@@ -89,3 +89,20 @@ def test_reference_free_losses_ignore_the_reference():
         a = LOSSES[name](torch.tensor([-3.0]), torch.tensor([-4.0]), torch.tensor([0.0]), torch.tensor([0.0]), **kw)
         b = LOSSES[name](torch.tensor([-3.0]), torch.tensor([-4.0]), torch.tensor([5.0]), torch.tensor([9.0]), **kw)
         assert a.item() == b.item()
+
+
+def test_a_misspelled_loss_parameter_is_an_error():
+    pc, pr, zero = torch.tensor([-1.0]), torch.tensor([-2.0]), zeros(1)
+    tokens = torch.tensor([1])
+    with pytest.raises(TypeError, match="no loss's parameter"):
+        preference_loss("sigmoid", pc, pr, zero, zero, beta=0.1, chosen_tokens=tokens, rejected_tokens=tokens,
+                        label_smothing=0.1)
+    with pytest.raises(TypeError, match="loss 'hinge' takes no parameter 'label_smoothing'"):
+        LOSSES["hinge"](pc, pr, zero, zero, beta=0.1, label_smoothing=0.1)
+
+
+def test_the_table_knows_each_losss_parameters_and_reference():
+    assert REFERENCE_FREE == {"simpo", "orpo"}
+    assert LOSSES["discopop"].params == ("discopop_tau",) and LOSSES["simpo"].params == ("simpo_gamma",)
+    assert {n for n, row in LOSSES.items() if "label_smoothing" in row.params} == {
+        "sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"}  # what TRL 1.16 applies label smoothing to, + cDPO

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from fastdpo.config import build_config
 from fastdpo.data import load_records
 from fastdpo.errors import UserError
-from fastdpo.train import train
+from fastdpo.training import train
 
 from conftest import example_rows, load_state, make_model_dir, run_cli, write_jsonl
 
@@ -116,39 +116,41 @@ def test_degenerate_rows_are_skipped_with_a_count(model_dir, tmp_path, capsys):
 # --- non-finite steps -----------------------------------------------------------------------------------------
 
 
-def poison(monkeypatch, bad_calls):
-    import fastdpo.evaluate as evaluate_module
+def poison(monkeypatch, bad_calls) -> list[str]:
+    """A loss added to the loss table: DPO's, but NaN at the calls `bad_calls` picks. Returns its --loss flags."""
+    from fastdpo.losses import LOSSES, Loss, sigmoid
 
-    original, calls = evaluate_module.preference_loss, {"n": 0}
+    calls = {"n": 0}
 
-    def maybe_nan(*args, **kwargs):
+    def sometimes_nan(pc, pr, rc, rr, *, beta):
         calls["n"] += 1
-        losses, chosen, rejected = original(*args, **kwargs)
-        return (losses * float("nan") if bad_calls(calls["n"]) else losses), chosen, rejected
+        losses = sigmoid(pc, pr, rc, rr, beta=beta)
+        return losses * float("nan") if bad_calls(calls["n"]) else losses
 
-    monkeypatch.setattr(evaluate_module, "preference_loss", maybe_nan)
+    monkeypatch.setitem(LOSSES, "sometimes_nan", Loss(sometimes_nan))
+    return ["--loss", "sometimes_nan"]
 
 
 def test_a_non_finite_step_is_skipped_and_counted(model_dir, tmp_path, monkeypatch):
-    poison(monkeypatch, lambda n: n == 2)  # the second step's loss
+    loss = poison(monkeypatch, lambda n: n == 2)  # the second step's loss
     data = write_jsonl(tmp_path / "d.jsonl", example_rows(16))
     out = tmp_path / "o"
     train(build_config(["--model", model_dir, "--data", data, "--output_dir", str(out), "--max_steps", "3",
                         "--batch_size", "4", "--logging_steps", "1", "--progress", "false", "--learning_rate",
-                        "1e-3"]))
+                        "1e-3", *loss]))
     lines = [json.loads(line) for line in open(out / "metrics.jsonl") if '"skipped_steps"' in line]
     assert [line["skipped_steps"] for line in lines] == [0, 1, 1]
     assert all(torch.isfinite(t).all() for t in load_state(out).values())
 
 
 def test_too_many_non_finite_steps_stop_keeping_the_last_checkpoint(model_dir, tmp_path, monkeypatch):
-    poison(monkeypatch, lambda n: n > 2)  # steps 3, 4, ... all fail
+    loss = poison(monkeypatch, lambda n: n > 2)  # steps 3, 4, ... all fail
     data = write_jsonl(tmp_path / "d.jsonl", example_rows(16))
     out = tmp_path / "o"
     with pytest.raises(UserError, match="3 steps in a row had a non-finite") as err:
         train(build_config(["--model", model_dir, "--data", data, "--output_dir", str(out), "--max_steps", "10",
                             "--batch_size", "4", "--save_steps", "2", "--save_total_limit", "0",
-                            "--max_bad_steps", "3", "--progress", "false"]))
+                            "--max_bad_steps", "3", "--progress", "false", *loss]))
     # skipped steps never touch the weights: the step-4 checkpoint holds step 2's weights
     assert "checkpoints/step-4" in str(err.value)
     kept, good = load_state(out / "checkpoints" / "step-4"), load_state(out / "checkpoints" / "step-2")

@@ -2,13 +2,14 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
 from fastdpo.config import build_config
 from fastdpo.errors import UserError
-from fastdpo.train import train
+from fastdpo.training import fit, setup, train
 
 from conftest import assert_same_weights, load_state, make_model_dir, model_and_pairs, run_cli, write_jsonl
 
@@ -18,12 +19,31 @@ def base(tmp_path_factory):
     return model_and_pairs(tmp_path_factory, "train", seed=3, rows=24)
 
 
-def run(base, out, *flags):
+def config(base, out, *flags):
     root, model, data = base
-    cfg = build_config(["--model", model, "--data", data, "--output_dir", str(out), "--learning_rate", "1e-3",
-                        "--max_steps", "3", "--batch_size", "8", "--progress", "false", "--lr_scheduler", "linear",
-                        "--warmup_steps", "1", *flags])
-    return train(cfg)
+    return build_config(["--model", model, "--data", data, "--output_dir", str(out), "--learning_rate", "1e-3",
+                         "--max_steps", "3", "--batch_size", "8", "--progress", "false", "--lr_scheduler", "linear",
+                         "--warmup_steps", "1", *flags])
+
+
+def run(base, out, *flags):
+    return train(config(base, out, *flags))
+
+
+def cut_after_checkpoint(full, cut, step: int) -> None:
+    """`cut`: the output directory of `full`'s run as a crash right after its step-`step` checkpoint left it (no
+    final model, later checkpoints unwritten, `latest` at that step, metrics lines past it still there)."""
+    shutil.copytree(full, cut)
+    checkpoints = os.path.join(cut, "checkpoints")
+    for name in os.listdir(cut):
+        if name not in ("checkpoints", "config.yaml", "metrics.jsonl"):
+            path = os.path.join(cut, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+    for name in os.listdir(checkpoints):
+        if name.startswith("step-") and int(name.split("-")[1]) > step:
+            shutil.rmtree(os.path.join(checkpoints, name))
+    with open(os.path.join(checkpoints, "latest"), "w") as f:
+        f.write(f"step-{step}\n")
 
 
 def test_grad_accumulation_8x1_equals_1x8(base, tmp_path):
@@ -39,41 +59,21 @@ def test_grad_accumulation_8x1_equals_1x8(base, tmp_path):
     assert len(norms[0]) == 3 and norms[0] == pytest.approx(norms[1], rel=1e-5)
 
 
-def test_reference_copy_is_frozen_and_policy_moves(base, tmp_path, monkeypatch):
-    import fastdpo.train as train_module
-
-    captured = {}
-    original = train_module.build_reference
-
-    def capture(cfg, policy, *args):
-        captured["ref"] = original(cfg, policy, *args)
-        captured["start"] = {k: v.clone() for k, v in policy.state_dict().items()}
-        return captured["ref"]
-
-    monkeypatch.setattr(train_module, "build_reference", capture)
-    run(base, tmp_path / "out")
-    assert captured["ref"].model is not None
-    for key, value in captured["ref"].model.state_dict().items():
-        assert torch.equal(value, captured["start"][key]), key
+def test_reference_copy_is_frozen_and_policy_moves(base, tmp_path):
+    run_ = setup(config(base, tmp_path / "out"))
+    start = {k: v.clone() for k, v in run_.policy.state_dict().items()}
+    reference = run_.reference
+    fit(run_)
+    assert reference.model is not None
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, start[key]), key
     trained = load_state(tmp_path / "out")
-    assert any(not torch.equal(trained[k], captured["start"][k]) for k in trained)
+    assert any(not torch.equal(trained[k], start[k]) for k in trained)
 
 
-def test_resume_equals_an_uninterrupted_run(base, tmp_path, monkeypatch):
-    import fastdpo.train as train_module
-
+def test_resume_equals_an_uninterrupted_run(base, tmp_path):
     run(base, tmp_path / "full", "--max_steps", "6", "--save_steps", "2")
-    original = train_module.save_checkpoint
-
-    def save_then_die(output_dir, step, *args, **kwargs):
-        original(output_dir, step, *args, **kwargs)
-        if step == 4:
-            raise KeyboardInterrupt  # the run stops right after its step-4 checkpoint
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(base, tmp_path / "cut", "--max_steps", "6", "--save_steps", "2")
-    monkeypatch.setattr(train_module, "save_checkpoint", original)
+    cut_after_checkpoint(tmp_path / "full", tmp_path / "cut", step=4)  # the run stops right after step 4's checkpoint
     assert not os.path.exists(tmp_path / "cut" / "model.safetensors")
     result = run(base, tmp_path / "cut", "--max_steps", "6", "--save_steps", "2", "--resume")
     assert result.steps == 6
@@ -122,7 +122,7 @@ def test_failed_run_with_overwrite_leaves_old_files(base, tmp_path):
 
 
 def test_lr_schedules():
-    from fastdpo.train import lr_lambda
+    from fastdpo.training import lr_lambda
 
     cfg = build_config(["--warmup_steps", "2", "--lr_scheduler", "cosine"])
     f = lr_lambda(cfg, total_steps=10)

@@ -1,6 +1,16 @@
 """fastdpo: Direct Preference Optimization for Hugging Face causal language models.
 
-Importing this package has no side effects; heavy modules are imported where used.
+`fastdpo.train(model=..., data=..., **options)` and `fastdpo.evaluate(...)` are the Python API (fastdpo/api.py).
+Importing this package has no side effects and loads no torch; the API is imported on first use.
 """
 
 __version__ = "0.1.0"
+__all__ = ["train", "evaluate"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from fastdpo import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fastdpo' has no attribute {name!r}")

@@ -16,16 +16,44 @@ layout.
   bf16 CPU kernels keep MBs of heap for each shape they have seen, for the life of the process).
 
 Prefix-shared and packed segments use a 4-D boolean mask `(R, 1, L, L)`, True where attention is allowed.
+
+A run's choice among them, and of the lm_head path, is one immutable `Layout`, chosen once by the start-up
+exactness check (`logps.check_layout`) and passed to everything that collates or scores.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal, Sequence
 
 import torch
 
 from fastdpo.tokenize import TokenizedPair
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How pairs become model rows, and how the lm_head runs over them."""
+
+    share_prompt: bool = True  # one [prompt | chosen | rejected] segment per pair
+    pack: bool = True  # several segments per row, block-diagonal attention
+    head: Literal["chunked", "full"] = "chunked"  # response-only chunked lm_head, or the model's full logits
+    chunk_size: int = 256  # response positions per lm_head chunk
+    row_length: int = 0  # tokens per packed row (0: the longest segment of the batch)
+
+    @property
+    def concatenated(self) -> bool:
+        """The plain layout: [prompt | response] rows with a 2-D padding mask (no 4-D mask needed)."""
+        return not (self.share_prompt or self.pack)
+
+    def without_mask(self) -> "Layout":
+        return replace(self, share_prompt=False, pack=False)
+
+    def collate(self, pairs: Sequence[TokenizedPair], pad_token_id: int) -> "Batch":
+        if self.concatenated:
+            return collate_concatenated(pairs, pad_token_id)
+        return collate_packed(pairs, pad_token_id, self.share_prompt, self.pack, self.row_length)
 
 
 @dataclass
@@ -38,7 +66,6 @@ class Batch:
     score_labels: torch.Tensor  # (M,) the response token
     score_seq: torch.Tensor  # (M,) sequence index in [0, 2B): chosen of pair b -> b, rejected -> B + b
     indices: list[int]  # record index of each pair, (B,)
-    reference_logps: torch.Tensor | None = None  # (2B,) precomputed reference log-probs, if any
 
     @property
     def num_pairs(self) -> int:
@@ -55,18 +82,10 @@ class Batch:
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
                      move(self.score_rows), move(self.score_cols), move(self.score_labels), move(self.score_seq),
-                     self.indices, move(self.reference_logps))
+                     self.indices)
 
 
-def _reference(pairs: list[TokenizedPair]) -> torch.Tensor | None:
-    if any(p.reference_logps is None for p in pairs):
-        return None
-    chosen = [p.reference_logps[0] for p in pairs]
-    rejected = [p.reference_logps[1] for p in pairs]
-    return torch.tensor(chosen + rejected, dtype=torch.float32)  # (2B,)
-
-
-def collate_concatenated(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
+def collate_concatenated(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
     """Stack `[prompt | chosen]` rows then `[prompt | rejected]` rows, right-padded with `pad_token_id`."""
     B = len(pairs)
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
@@ -79,11 +98,10 @@ def collate_concatenated(pairs: list[TokenizedPair], pad_token_id: int) -> Batch
         input_ids[i, : n + m] = torch.tensor(prompt + response, dtype=torch.long)
         attention_mask[i, : n + m] = 1
         _add_scores(score, row=i, cols=range(n - 1, n + m - 1), labels=response, seqs=[i] * m)
-    return Batch(input_ids, attention_mask, None, *_score_tensors(score), [p.index for p in pairs],
-                 _reference(pairs))
+    return Batch(input_ids, attention_mask, None, *_score_tensors(score), [p.index for p in pairs])
 
 
-def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, share_prompt: bool = True,
+def collate_packed(pairs: Sequence[TokenizedPair], pad_token_id: int, share_prompt: bool = True,
                    pack: bool = True, row_length: int = 0) -> Batch:
     """Prefix-shared and/or packed layout (see the module docstring).
 
@@ -119,8 +137,7 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, share_prompt: 
             offset += n
         pad = torch.arange(offset, width)
         mask[r, 0, pad, pad] = True  # padding attends to itself only: no all-masked rows (NaN in softmax)
-    return Batch(input_ids, mask, position_ids, *_score_tensors(score), [p.index for p in pairs],
-                 _reference(pairs))
+    return Batch(input_ids, mask, position_ids, *_score_tensors(score), [p.index for p in pairs])
 
 
 def bucket_width(width: int, row_length: int = 0) -> int:

@@ -1,4 +1,4 @@
-"""Atomic file writes, checkpoints and resume."""
+"""The output directory: atomic file writes, the trainer state, checkpoints and resume, the final model."""
 
 from __future__ import annotations
 
@@ -8,8 +8,31 @@ import os
 import random
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass
 
 import torch
+
+from fastdpo.errors import UserError
+
+
+@dataclass
+class TrainerState:
+    """Where a run is. Every run has one; each checkpoint saves it as trainer_state.json and --resume restores it."""
+
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0  # optimizer steps done
+    skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradients)
+    bad_in_row: int = 0
+    eval_before: dict | None = None  # the held-out metrics before training
+
+    def to_json(self) -> dict:
+        epoch, batch = divmod(self.step, self.steps_per_epoch)
+        return {"step": self.step, "epoch": epoch, "batch_in_epoch": batch, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TrainerState":
+        return cls(**{key: data.get(key, value) for key, value in asdict(cls(0, 0)).items()})
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -137,6 +160,61 @@ def _tied_names(model) -> set[str]:
             tied.update({name, seen[ptr]})
         seen[ptr] = name
     return tied
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume: bool) -> str | None:
+    """Refuse a non-empty output_dir unless --overwrite or --resume; return the checkpoint to resume from."""
+    exists = os.path.isdir(output_dir) and any(os.scandir(output_dir))
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"--output_dir: {output_dir} exists and is not a directory", exit_code=2)
+    if resume:
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            raise UserError(f"--resume: no checkpoint in {output_dir}/checkpoints to resume from (write them with "
+                            "--save_steps N)", exit_code=2)
+        return path
+    if exists and not overwrite:
+        raise UserError(f"--output_dir: {output_dir} is not empty; pass --overwrite to replace it or --resume to "
+                        "continue its latest checkpoint", exit_code=2)
+    return None
+
+
+def prepare_fresh_output_dir(output_dir: str, overwrite: bool) -> None:
+    """With --overwrite, the old contents go only now: after the data, models and config all loaded."""
+    if os.path.isdir(output_dir) and overwrite:
+        for entry in os.scandir(output_dir):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+    os.makedirs(output_dir, exist_ok=True)
+
+
+def save_final(output_dir: str, model, tokenizer, results: dict, lora: bool = False, merge_lora: bool = False,
+               state_dict=None) -> None:
+    """The final model and tokenizer (Hugging Face format, safetensors) plus the run's results. `lora`: the model is
+    a peft model, saved as its adapter. `state_dict`: the weights gathered from their shards, when the model holds
+    only its own shard."""
+    tmp = tempfile.mkdtemp(dir=output_dir, prefix=".tmp-final-")
+    if lora:
+        model.save_pretrained(tmp, selected_adapters=["default"])  # the adapter in peft's format
+        if merge_lora:  # merged in a copy: the trained model stays as it is (the Python API returns it)
+            import copy
+
+            merged_model = copy.deepcopy(model)
+            if "ref" in merged_model.peft_config:
+                merged_model.delete_adapter("ref")
+            merged = os.path.join(tmp, "merged")
+            merged_model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
+            tokenizer.save_pretrained(merged)
+            del merged_model
+    else:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    os.rmdir(tmp)
+    atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=1) + "\n")
 
 
 def rng_state() -> dict:

@@ -1,10 +1,14 @@
-"""`fastdpo` sub-commands: parse flags into the config, call one function each, turn user errors into one line."""
+"""`fastdpo` sub-commands: parse flags into the config, call one library function each, turn user errors into one
+line. The quickstart lives here, not in the library."""
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
+from fastdpo.config import opt
 from fastdpo.errors import UserError
 
 USAGE = """usage: fastdpo <command> [options]
@@ -15,10 +19,16 @@ commands:
 
 `fastdpo <command> --help` lists the command's options."""
 
-EVAL_KEYS = ("model", "ref_model", "data", "data_split", "prompt_field", "chosen_field", "rejected_field",
-             "on_bad_record", "max_length", "max_prompt_length", "loss", "beta", "label_smoothing", "simpo_gamma",
-             "discopop_tau", "rpo_alpha", "batch_size", "precision", "seed", "trust_remote_code", "prefix_sharing",
-             "packing", "pack_length", "logits_chunk_size")
+QUICKSTART_FLAGS = ("--config", "--model", "--data")  # any of these: the user's own run, no quickstart settings
+
+
+@dataclass
+class EvalOutputs:
+    """`fastdpo eval`'s own options (flags only)."""
+
+    json: bool = opt(False, "print the metrics as one JSON object (the last line of stdout)")
+    per_pair_out: Optional[str] = opt(None, "FILE.jsonl: one line per pair with its log-probs, rewards, loss and "
+                                           "token counts")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,92 +61,57 @@ def _dispatch(argv: list[str]) -> int:
     raise UserError(f"unknown command {command!r}; commands: train, eval", exit_code=2)
 
 
-def _help(keys, extra: dict[str, str] | None = None) -> str:
-    import dataclasses
-
-    from fastdpo.config import Config
-
-    lines = []
-    for f in dataclasses.fields(Config):
-        if f.name in keys:
-            lines.append(f"  --{f.name:<20} {f.metadata['help']} (default: {f.default})")
-    for key, text in (extra or {}).items():
-        lines.append(f"  --{key:<20} {text}")
-    return "\n".join(lines)
+def _gave(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
 def train_command(argv: list[str]) -> int:
-    from fastdpo.config import Config, build_config, field_types
-    from fastdpo.models import asset_path
+    from fastdpo.config import options, option_help, parse_command
+    from fastdpo.data import asset_path
 
     if "-h" in argv or "--help" in argv:
-        print("usage: fastdpo train [--config FILE.yaml] [--KEY VALUE ...]\n\noptions:\n"
-              + _help(field_types(Config), {"config": "YAML file of the options below"}))
+        print("usage: fastdpo train --model M --data D [--config FILE.yaml] [--KEY VALUE ...]\n"
+              "       fastdpo train   (no --model, --data or --config: the built-in quickstart)\n\noptions:\n"
+              "  --config                 YAML file of the options below\n" + option_help(options()))
         return 0
-    quickstart = not any(a in ("--config", "--model") or a.startswith(("--config=", "--model=")) for a in argv)
+    quickstart = not any(_gave(argv, flag) for flag in QUICKSTART_FLAGS)
     base = asset_path("quickstart.yaml") if quickstart else None
-    cfg = build_config(argv, base_file=base)
+    cfg, _ = parse_command(argv, base_file=base)
     if quickstart:
-        print("fastdpo: no --model or --config given: running the built-in quickstart "
-              f"(settings: {base})", file=sys.stderr)
-    from fastdpo.train import train
+        print(f"fastdpo: no --model, --data or --config given: running the built-in quickstart (settings: {base})",
+              file=sys.stderr)
+    elif cfg.model is None and cfg.data is not None:
+        raise UserError("--model: which model should train on this data? Pass a model directory or hub id (or "
+                        "--model builtin:tiny, the tiny random model the quickstart trains)", exit_code=2)
+    from fastdpo.training import train
 
-    train(cfg, quickstart=quickstart)
+    train(cfg)
+    if quickstart:
+        print("  next: fastdpo train --model YOUR_MODEL_DIR --data YOUR_PAIRS.jsonl --output_dir OUT")
     return 0
 
 
 def eval_command(argv: list[str]) -> int:
-    from fastdpo.config import build_config
+    from fastdpo.config import Config, eval_keys, options, option_help, parse_command
 
-    extra = {"json": "print the metrics as one JSON object (the last line of stdout)",
-             "per_pair_out": "FILE.jsonl: one line per pair with its log-probs, rewards, loss and token counts"}
     if "-h" in argv or "--help" in argv:
+        known = {k: options(Config)[k] for k in eval_keys()}
         print("usage: fastdpo eval --model DIR --ref_model DIR --data PATH [options]\n\noptions:\n"
-              + _help(EVAL_KEYS, extra))
+              + option_help({**known, **options(EvalOutputs)}))
         return 0
-    argv, as_json, per_pair_out = _pop_eval_flags(argv)
-    cfg = build_config(argv, allowed=EVAL_KEYS)
-    if not any(a in ("--data", "--config") or a.startswith(("--data=", "--config=")) for a in argv):
-        raise UserError("--data: eval needs preference data (--data PATH)", exit_code=2)
-    from fastdpo.losses import REFERENCE_FREE
+    cfg, outputs = parse_command(argv, eval_keys(), EvalOutputs)
+    from fastdpo.evaluation import run_eval
+    from fastdpo.runtime import Processes
 
-    if not cfg.ref_model and cfg.loss not in REFERENCE_FREE:
-        raise UserError(f"--ref_model: eval with --loss {cfg.loss} needs a reference model directory", exit_code=2)
-    from fastdpo.evaluate import run_eval
-
-    metrics, rows = run_eval(cfg)
-    from fastdpo.parallel import Processes
-
+    result = run_eval(cfg)
     if not Processes.current().main:  # launched with several processes, each scored every pair: one reports
         return 0
-    if per_pair_out:
+    if outputs.per_pair_out:
         from fastdpo.checkpoint import atomic_write_text
 
-        atomic_write_text(per_pair_out, "".join(json.dumps(r) + "\n" for r in rows))
-    if as_json:
-        print(json.dumps(metrics))
-    else:
-        print(format_table(metrics))
+        atomic_write_text(outputs.per_pair_out, "".join(json.dumps(r) + "\n" for r in result.rows))
+    print(json.dumps(result.metrics) if outputs.json else format_table(result.metrics))
     return 0
-
-
-def _pop_eval_flags(argv: list[str]) -> tuple[list[str], bool, str | None]:
-    rest, as_json, per_pair_out, i = [], False, None, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--json":
-            as_json = True
-        elif arg == "--per_pair_out" or arg.startswith("--per_pair_out="):
-            if "=" in arg:
-                per_pair_out = arg.split("=", 1)[1]
-            elif i + 1 < len(argv):
-                per_pair_out, i = argv[i + 1], i + 1
-            else:
-                raise UserError("--per_pair_out: needs a file name", exit_code=2)
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, as_json, per_pair_out
 
 
 def format_table(metrics: dict) -> str:

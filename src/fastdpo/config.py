@@ -1,244 +1,335 @@
-"""The one typed config: every field is a YAML key and a `--flag`; unknown keys are errors that name the key."""
+"""The one typed config: every field is a YAML key, a `--flag` and a keyword of the Python API.
+
+`Config(...)` validates without changing any value (and without importing torch); `resolve()` returns the copy
+with the derived values filled in (the reference kind, gradient checkpointing), which is what a run uses and
+saves. One parser serves every command: `options()` describes the fields of any options dataclass, and
+`parse_flags` / `load_yaml` / `from_keywords` turn flags, YAML and keywords into typed values, each error naming
+the key and where it was written.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import typing
 from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
 
 import yaml
 
 from fastdpo.errors import UserError
-from fastdpo.losses import LOSSES, REFERENCE_FREE
+from fastdpo.losses import LOSSES, PARAMETERS, REFERENCE_FREE, users_of
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help}, **kw)
+def opt(default, help: str, eval: bool = False):
+    """An option field: its default, its one-line help, and whether `fastdpo eval` takes it too."""
+    return field(default=default, metadata={"help": help, "eval": eval})
 
 
 @dataclass
 class Config:
     # --- models -------------------------------------------------------------------------------------------------
-    model: str = _f("builtin:tiny", "policy to train: a local model directory, a hub id, or builtin:tiny")
-    ref_model: typing.Optional[str] = _f(None, "reference model directory (implies --reference model)")
-    reference: str = _f("copy", "copy: frozen in-memory copy of the starting policy; model: --ref_model; "
-                                "precomputed: log-probs computed once, cached, model freed; none: reference-free")
-    ref_cache_dir: str = _f("", "cache of precomputed reference log-probs ('': ~/.cache/fastdpo/reference; "
-                                "off: no cache)")
-    trust_remote_code: bool = _f(False, "allow model code from the model directory / hub (off: safe default)")
+    model: Optional[str] = opt(None, "policy to train: a local model directory, a hub id, or builtin:tiny (a tiny "
+                                    "random Llama built from the package's config)", eval=True)
+    ref_model: Optional[str] = opt(None, "reference model directory or hub id (implies --reference model)",
+                                  eval=True)
+    reference: Literal["auto", "copy", "model", "precomputed", "none"] = opt(
+        "auto", "copy: frozen in-memory copy of the starting policy; model: --ref_model; precomputed: log-probs "
+                "computed once, cached, model freed; none: reference-free; auto: model with --ref_model, none for "
+                "the reference-free losses, else copy")
+    ref_cache_dir: str = opt("", "cache of precomputed reference log-probs ('': $XDG_CACHE_HOME/fastdpo/reference "
+                                "or ~/.cache/fastdpo/reference; off: no cache)")
+    trust_remote_code: bool = opt(False, "allow model code from the model directory / hub (off: safe default)",
+                                 eval=True)
     # --- data ---------------------------------------------------------------------------------------------------
-    data: str = _f("builtin:example", ".jsonl, .json, .parquet, a save_to_disk directory or a hub data set")
-    data_split: str = _f("train", "split to read from a data set directory or hub data set")
-    eval_data: typing.Optional[str] = _f(None, "held-out preference data, evaluated every eval_steps and at the end")
-    eval_data_split: str = _f("test", "split of eval_data to read")
-    prompt_field: str = _f("prompt", "record field holding the prompt (absent: implicit prompt)")
-    chosen_field: str = _f("chosen", "record field holding the chosen (preferred) response")
-    rejected_field: str = _f("rejected", "record field holding the rejected response")
-    on_bad_record: str = _f("error", "error: stop at the first bad record; skip: skip bad records and count them")
-    max_length: int = _f(1024, "tokens of prompt + response; responses keep their start")
-    max_prompt_length: int = _f(512, "tokens of prompt; the prompt keeps its end")
+    data: Optional[str] = opt(None, ".jsonl, .json, .parquet, a save_to_disk directory, a hub data set or "
+                                   "builtin:example", eval=True)
+    data_split: str = opt("train", "split to read from a data set directory or hub data set", eval=True)
+    eval_data: Optional[str] = opt(None, "held-out preference data, evaluated before training, every eval_steps and "
+                                        "at the end (none: no evaluation)")
+    eval_data_split: str = opt("test", "split of eval_data to read")
+    prompt_field: str = opt("prompt", "record field holding the prompt (absent: implicit prompt)", eval=True)
+    chosen_field: str = opt("chosen", "record field holding the chosen (preferred) response", eval=True)
+    rejected_field: str = opt("rejected", "record field holding the rejected response", eval=True)
+    on_bad_record: Literal["error", "skip"] = opt("error", "error: stop at the first bad record; skip: skip bad "
+                                                          "records and count them", eval=True)
+    max_length: int = opt(1024, "tokens of prompt + response; responses keep their start, and a pair whose prompt "
+                                "leaves no room is dropped", eval=True)
+    max_prompt_length: int = opt(512, "tokens of prompt; the prompt keeps its end (and its BOS)", eval=True)
     # --- loss ---------------------------------------------------------------------------------------------------
-    loss: str = _f("sigmoid", "loss variant: " + ", ".join(LOSSES))
-    beta: float = _f(0.1, "KL strength β (inverse temperature of the implicit reward)")
-    label_smoothing: float = _f(0.0, "label-flip rate ε in [0, 0.5): cDPO for sigmoid; robust, exo_pair, aot")
-    simpo_gamma: float = _f(0.5, "SimPO target reward margin γ")
-    discopop_tau: float = _f(0.05, "DiscoPOP temperature τ")
-    rpo_alpha: float = _f(0.0, "weight of the chosen response's mean token NLL added to the loss (RPO)")
+    loss: str = opt("sigmoid", "loss variant: " + ", ".join(LOSSES), eval=True)
+    beta: float = opt(0.1, "KL strength β (inverse temperature of the implicit reward)", eval=True)
+    label_smoothing: float = opt(0.0, "label-flip rate ε in [0, 0.5): cDPO for sigmoid; robust, exo_pair, aot, "
+                                     "aot_unpaired", eval=True)
+    simpo_gamma: float = opt(0.5, "SimPO target reward margin γ", eval=True)
+    discopop_tau: float = opt(0.05, "DiscoPOP temperature τ (> 0)", eval=True)
+    rpo_alpha: float = opt(0.0, "weight of the chosen response's mean token NLL added to any loss (RPO)", eval=True)
     # --- optimisation -------------------------------------------------------------------------------------------
-    learning_rate: float = _f(1e-6, "AdamW peak learning rate")
-    lr_scheduler: str = _f("linear", "constant, linear or cosine decay after warm-up")
-    warmup_steps: int = _f(0, "optimizer steps of linear warm-up from 0")
-    weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
-    adam_beta1: float = _f(0.9, "AdamW β1")
-    adam_beta2: float = _f(0.999, "AdamW β2")
-    adam_epsilon: float = _f(1e-8, "AdamW ε")
-    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
-    batch_size: int = _f(8, "preference pairs per optimizer step, over all processes")
-    micro_batch_size: int = _f(0, "pairs per forward pass per process (0: the whole per-process batch)")
-    eval_batch_size: int = _f(0, "pairs per forward pass in evaluation (0: micro_batch_size)")
-    max_steps: int = _f(0, "optimizer steps (0: from epochs)")
-    epochs: float = _f(1.0, "passes over the training pairs when max_steps is 0")
-    shuffle: bool = _f(True, "shuffle the pairs each epoch (seeded)")
-    seed: int = _f(42, "seed for data order, initialisation of builtin models, dropout")
-    precision: str = _f("fp32", "fp32, bf16 or fp16 (mixed precision via autocast)")
+    learning_rate: float = opt(1e-6, "AdamW peak learning rate")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = opt("linear", "constant, linear or cosine decay to 0 "
+                                                                         "after warm-up")
+    warmup_steps: int = opt(0, "optimizer steps of linear warm-up from 0")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
+    adam_beta1: float = opt(0.9, "AdamW β1")
+    adam_beta2: float = opt(0.999, "AdamW β2")
+    adam_epsilon: float = opt(1e-8, "AdamW ε")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0: no clipping); the norm before "
+                                   "clipping is logged")
+    batch_size: int = opt(8, "preference pairs per optimizer step, over all processes (eval: pairs per forward "
+                            "pass)", eval=True)
+    micro_batch_size: int = opt(0, "pairs per forward pass per process (0: the whole per-process batch); gradient "
+                                   "accumulation follows from the two")
+    eval_batch_size: int = opt(0, "pairs per forward pass in evaluation (0: micro_batch_size)")
+    max_steps: int = opt(0, "optimizer steps (0: from epochs)")
+    epochs: float = opt(1.0, "passes over the training pairs when max_steps is 0")
+    shuffle: bool = opt(True, "shuffle the pairs each epoch (seeded, so a resumed run sees the same order)")
+    seed: int = opt(42, "seed of the data order and of the built-in model's initialisation", eval=True)
+    precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "fp32, bf16 or fp16: mixed precision via autocast, "
+                                                            "weights and log-softmax in fp32 (fp16: CUDA only)",
+                                                    eval=True)
     # --- outputs ------------------------------------------------------------------------------------------------
-    output_dir: str = _f("fastdpo-output", "where the model, config, metrics and checkpoints go")
-    overwrite: bool = _f(False, "allow a non-empty output_dir (its old contents go once data and models have loaded)")
-    resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
-    save_steps: int = _f(0, "write a checkpoint every N optimizer steps (0: never mid-run)")
-    save_total_limit: int = _f(2, "keep at most this many checkpoints (0: keep all)")
-    eval_steps: int = _f(0, "evaluate on eval_data every N steps (0: only before and after training)")
-    logging_steps: int = _f(10, "write a metrics.jsonl line every N optimizer steps")
-    progress: bool = _f(True, "show a progress bar")
-    max_bad_steps: int = _f(10, "stop after this many steps in a row with a non-finite loss or gradients")
+    output_dir: str = opt("fastdpo-output", "where the model, config, metrics and checkpoints go")
+    overwrite: bool = opt(False, "allow a non-empty output_dir (its old contents go once data and models have "
+                                "loaded; ignored with --resume)")
+    resume: bool = opt(False, "continue from the latest checkpoint in output_dir (the same data, batch_size and "
+                             "steps)")
+    save_steps: int = opt(0, "write a checkpoint every N optimizer steps (0: never mid-run)")
+    save_total_limit: int = opt(2, "keep at most this many checkpoints (0: keep all)")
+    eval_steps: int = opt(0, "evaluate on eval_data every N steps (0: only before and after training)")
+    logging_steps: int = opt(10, "write a metrics.jsonl line every N optimizer steps")
+    progress: bool = opt(True, "show a progress bar on stderr")
+    max_bad_steps: int = opt(10, "stop after this many steps in a row with a non-finite loss or gradients (each "
+                                 "is skipped and counted in skipped_steps)")
     # --- LoRA and the reference ------------------------------------------------------------------------------
-    lora_r: int = _f(0, "LoRA rank (0: full fine-tuning); the reference is then the base with adapters off")
-    lora_alpha: float = _f(16.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)")
-    lora_dropout: float = _f(0.0, "dropout on the LoRA input (0: exact reference log-probs in training)")
-    lora_targets: str = _f("all-linear", "modules to adapt: all-linear (every linear layer of the blocks) or "
-                                         "comma-separated names such as q_proj,v_proj")
-    adapter: typing.Optional[str] = _f(None, "start from this LoRA adapter directory; a frozen copy of it is the "
-                                             "reference")
-    merge_lora: bool = _f(False, "also write the merged full model to OUTPUT_DIR/merged")
-    load_in_4bit: bool = _f(False, "QLoRA: load the base in 4-bit NF4 through bitsandbytes (CUDA only)")
-    ref_sync_steps: int = _f(0, "TR-DPO: every N steps, ref <- alpha * policy + (1 - alpha) * ref (0: never)")
-    ref_sync_alpha: float = _f(0.6, "TR-DPO mixing weight alpha in (0, 1]")
+    lora_r: int = opt(0, "LoRA rank (0: full fine-tuning); the reference is then the base with adapters off")
+    lora_alpha: float = opt(16.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input, in [0, 1) (0: exact reference log-probs in "
+                                  "training)")
+    lora_targets: str = opt("all-linear", "modules to adapt: all-linear (every linear layer of the blocks, not the "
+                                         "lm_head) or comma-separated names such as q_proj,v_proj")
+    adapter: Optional[str] = opt(None, "start from this LoRA adapter directory; a frozen copy of it is the "
+                                      "reference")
+    merge_lora: bool = opt(False, "also write the merged full model to OUTPUT_DIR/merged")
+    load_in_4bit: bool = opt(False, "QLoRA: load the base in 4-bit NF4 through bitsandbytes (CUDA only)")
+    ref_sync_steps: int = opt(0, "TR-DPO: every N steps, ref <- alpha * policy + (1 - alpha) * ref (0: never; not "
+                                 "with a precomputed reference or LoRA)")
+    ref_sync_alpha: float = opt(0.6, "TR-DPO mixing weight alpha in (0, 1]")
     # --- speed and memory (each is exact: the same log-probs as the plain path) --------------------------------
-    prefix_sharing: bool = _f(True, "one [prompt|chosen|rejected] sequence per pair: the prompt computed once")
-    packing: bool = _f(True, "pack several pairs into one row (block-diagonal attention), no padding")
-    pack_length: int = _f(0, "tokens per packed row (0: the longest pair of the micro-batch)")
-    group_by_length: bool = _f(False, "batch pairs of similar length together (less padding when not packing)")
-    logits_chunk_size: int = _f(256, "response positions per lm_head chunk (0: the model's full logits)")
-    gradient_checkpointing: str = _f("auto", "recompute activations in backward: less memory, more time (true or "
-                                             "a bare --gradient_checkpointing, false; auto: on with LoRA, off for "
-                                             "full fine-tuning)")
+    prefix_sharing: bool = opt(True, "one [prompt|chosen|rejected] sequence per pair: the prompt computed once",
+                              eval=True)
+    packing: bool = opt(True, "pack several pairs into one row (block-diagonal attention), no padding", eval=True)
+    pack_length: int = opt(0, "tokens per packed row (0: the longest pair of the micro-batch)", eval=True)
+    group_by_length: bool = opt(False, "batch pairs of similar length together (less padding when not packing)")
+    logits_chunk_size: int = opt(256, "response positions per lm_head chunk (0: the model's full logits)",
+                                eval=True)
+    gradient_checkpointing: Literal["true", "false", "auto"] = opt(
+        "auto", "recompute activations in backward: less memory, more time (true or a bare "
+                "--gradient_checkpointing, false; auto: on with LoRA, off for full fine-tuning)")
 
     def __post_init__(self):
         self.validate()
 
-    def validate(self) -> None:
-        def bad(key, why):
-            raise UserError(f"--{key}: {why}", exit_code=2)
+    # --- derived values (what resolve() fills in) ----------------------------------------------------------------
 
+    @property
+    def lora(self) -> bool:
+        return bool(self.lora_r > 0 or self.adapter)
+
+    def reference_kind(self) -> str:
+        """The reference this config asks for: `reference`, with `auto` resolved."""
+        if self.reference != "auto":
+            return self.reference
+        if self.ref_model:
+            return "model"
+        return "none" if self.loss in REFERENCE_FREE else "copy"
+
+    def resolve(self) -> "Config":
+        """This config with its derived values filled in; a run uses and saves this one."""
+        checkpointing = self.gradient_checkpointing
+        if checkpointing == "auto":  # a LoRA run is chosen to save memory (TRL and torchtune checkpoint by default)
+            checkpointing = "true" if self.lora else "false"
+        return dataclasses.replace(self, reference=self.reference_kind(), gradient_checkpointing=checkpointing,
+                                   overwrite=self.overwrite and not self.resume)
+
+    def loss_params(self) -> dict[str, float]:
+        """The chosen loss's parameters from this config, as keywords for `losses.preference_loss`."""
+        return {name: getattr(self, name) for name in LOSSES[self.loss].params} | {"rpo_alpha": self.rpo_alpha}
+
+    # --- validation: checks only, every message names the key -------------------------------------------------
+
+    def validate(self) -> None:
+        for name, option in options(Config).items():
+            value = getattr(self, name)
+            if option.choices and value not in option.choices:
+                raise ConfigError(name, f"must be one of {', '.join(option.choices)}, got {value!r}")
+        self._check_loss()
+        self._check_numbers()
+        self._check_reference()
+        self._check_lora()
+
+    def _check_loss(self) -> None:
         if self.loss not in LOSSES:
-            close = difflib.get_close_matches(self.loss, LOSSES, n=1)
-            bad("loss", f"unknown loss {self.loss!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                + f"; choose one of {', '.join(LOSSES)}")
+            raise ConfigError("loss", f"unknown loss {self.loss!r}{_close(self.loss, LOSSES)}; choose one of "
+                                      f"{', '.join(LOSSES)}")
         if not self.beta > 0:
-            bad("beta", f"must be > 0, got {self.beta}")
+            raise ConfigError("beta", f"must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
-            bad("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+            raise ConfigError("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if not self.discopop_tau > 0:
+            raise ConfigError("discopop_tau", f"must be > 0, got {self.discopop_tau}")
+        if self.rpo_alpha < 0:
+            raise ConfigError("rpo_alpha", f"must be >= 0, got {self.rpo_alpha}")
         if self.loss == "exo_pair" and self.label_smoothing <= 0:
-            bad("label_smoothing", "exo_pair needs label_smoothing > 0 (the EXO paper suggests 1e-3)")
-        if self.discopop_tau <= 0:
-            bad("discopop_tau", f"must be > 0, got {self.discopop_tau}")
-        if self.ref_model and self.reference == "copy":
-            self.reference = "model"
-        if self.loss in REFERENCE_FREE and self.reference == "copy":
-            self.reference = "none"  # nothing to copy: simpo and orpo never use a reference
-        choices = {"reference": ("copy", "model", "none", "precomputed"),
-                   "lr_scheduler": ("constant", "linear", "cosine"),
-                   "precision": ("fp32", "bf16", "fp16"), "on_bad_record": ("error", "skip")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                bad(key, f"must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        if self.reference == "model" and not self.ref_model:
-            bad("reference", "'model' needs --ref_model DIR")
-        if self.reference == "none" and self.loss not in REFERENCE_FREE:
-            bad("reference", f"'none' works only with the reference-free losses "
-                             f"({', '.join(sorted(REFERENCE_FREE))}); --loss {self.loss} needs a reference")
-        for key in ("batch_size", "max_length", "max_prompt_length"):
+            raise ConfigError("label_smoothing", "exo_pair needs label_smoothing > 0 (the EXO paper suggests 1e-3)")
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        for name in PARAMETERS:  # a parameter the chosen loss does not read would silently do nothing
+            if getattr(self, name) != defaults[name] and name not in LOSSES[self.loss].params:
+                raise ConfigError(name, f"--loss {self.loss} does not use it (it is a parameter of "
+                                        f"{', '.join(users_of(name))}); drop it or choose one of those losses")
+
+    def _check_numbers(self) -> None:
+        for key in ("batch_size", "max_length", "max_prompt_length", "max_bad_steps", "logging_steps"):
             if getattr(self, key) < 1:
-                bad(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("micro_batch_size", "eval_batch_size", "max_steps", "warmup_steps", "save_steps",
-                    "eval_steps", "save_total_limit", "pack_length", "logits_chunk_size"):
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("micro_batch_size", "eval_batch_size", "max_steps", "warmup_steps", "save_steps", "eval_steps",
+                    "save_total_limit", "pack_length", "logits_chunk_size", "lora_r", "ref_sync_steps",
+                    "learning_rate", "weight_decay", "max_grad_norm"):
             if getattr(self, key) < 0:
-                bad(key, f"must be >= 0, got {getattr(self, key)}")
-        if self.max_bad_steps < 1:
-            bad("max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
-        if self.logging_steps < 1:
-            bad("logging_steps", f"must be >= 1, got {self.logging_steps}")
-        if self.learning_rate < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            bad("learning_rate", "learning_rate, weight_decay and max_grad_norm must be >= 0")
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
         if self.max_steps == 0 and not self.epochs > 0:
-            bad("epochs", f"must be > 0 when max_steps is 0, got {self.epochs}")
-        if self.lora_r < 0:
-            bad("lora_r", f"must be >= 0, got {self.lora_r}")
-        lora = self.lora_r > 0 or self.adapter
-        if self.merge_lora and not lora:
-            bad("merge_lora", "needs LoRA (--lora_r R or --adapter DIR)")
-        checkpointing = _BOOL_WORDS.get(str(self.gradient_checkpointing).strip().lower(), "?")
-        if checkpointing == "?":
-            bad("gradient_checkpointing", f"expected true, false or auto, got {self.gradient_checkpointing!r}")
-        # auto: a LoRA run is chosen to save memory (TRL and torchtune checkpoint by default); the resolved value
-        # is what the saved config shows
-        self.gradient_checkpointing = ("true" if lora else "false") if checkpointing == "auto" else checkpointing
-        if self.precision == "fp16" and not _cuda():
-            bad("precision", "fp16 autocast needs a CUDA GPU; on CPU use --precision bf16 (or fp32)")
-        if self.load_in_4bit and not lora:
-            bad("load_in_4bit", "a 4-bit base cannot be trained directly; add --lora_r R (QLoRA)")
+            raise ConfigError("epochs", f"must be > 0 when max_steps is 0, got {self.epochs}")
+
+    def _check_reference(self) -> None:
+        kind = self.reference_kind()
+        if kind == "model" and not self.ref_model:
+            raise ConfigError("reference", "'model' needs --ref_model DIR")
+        if self.ref_model and kind in ("copy", "none"):
+            raise ConfigError("reference", f"{kind!r} does not use --ref_model {self.ref_model}; drop one of them")
+        if kind == "none" and self.loss not in REFERENCE_FREE:
+            raise ConfigError("reference", f"'none' works only with the reference-free losses "
+                                           f"({', '.join(sorted(REFERENCE_FREE))}); --loss {self.loss} needs a "
+                                           "reference")
+        if not 0 < self.ref_sync_alpha <= 1:
+            raise ConfigError("ref_sync_alpha", f"must be in (0, 1], got {self.ref_sync_alpha}")
+        if self.ref_sync_steps and kind == "precomputed":
+            raise ConfigError("ref_sync_steps", "TR-DPO updates the reference during training; a precomputed "
+                                                "reference cannot change (use --reference copy)")
+        if self.ref_sync_steps and kind == "none":
+            raise ConfigError("ref_sync_steps", "there is no reference to update with --reference none")
+
+    def _check_lora(self) -> None:
+        if self.merge_lora and not self.lora:
+            raise ConfigError("merge_lora", "needs LoRA (--lora_r R or --adapter DIR)")
+        if self.load_in_4bit and not self.lora:
+            raise ConfigError("load_in_4bit", "a 4-bit base cannot be trained directly; add --lora_r R (QLoRA)")
         if not 0 <= self.lora_dropout < 1:
-            bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        if self.ref_sync_steps < 0 or not 0 < self.ref_sync_alpha <= 1:
-            bad("ref_sync_alpha", "ref_sync_steps must be >= 0 and ref_sync_alpha in (0, 1]")
-        if self.ref_sync_steps and self.reference == "precomputed":
-            bad("ref_sync_steps", "TR-DPO updates the reference during training; a precomputed reference cannot "
-                                  "change (use --reference copy)")
-        if self.ref_sync_steps and self.reference == "none":
-            bad("ref_sync_steps", "there is no reference to update with --reference none")
-        if self.ref_sync_steps and lora:
-            bad("ref_sync_steps", "TR-DPO with LoRA is not supported: the reference is the base with adapters off "
-                                  "and cannot be softly updated toward the adapted policy")
-        if self.resume:
-            self.overwrite = False  # resuming never clears the directory (and a saved config may carry it)
+            raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.ref_sync_steps and self.lora:
+            raise ConfigError("ref_sync_steps", "TR-DPO with LoRA is not supported: the reference is the base with "
+                                                "adapters off and cannot be softly updated toward the adapted policy")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
 
-# --- parsing ----------------------------------------------------------------------------------------------------
+class ConfigError(UserError):
+    """A bad value of one key; the builders add where it was written (a flag, a YAML file, a keyword)."""
+
+    def __init__(self, key: str, why: str, where: str = "--"):
+        super().__init__(f"{where}{key}: {why}", exit_code=2)
+        self.key, self.why = key, why
 
 
-_BOOL_WORDS = {**dict.fromkeys(("true", "1", "yes", "on"), "true"),
-               **dict.fromkeys(("false", "0", "no", "off"), "false"), "auto": "auto"}
-SWITCHES = ("gradient_checkpointing",)  # text fields that also take a bare --flag, meaning true
+# --- options: what the parser, the help and the docs read ---------------------------------------------------------
 
 
-def field_types(cls=Config) -> dict[str, type]:
+@dataclass(frozen=True)
+class Option:
+    name: str
+    type: type  # bool, int, float or str
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()  # the allowed values of a Literal field
+    eval: bool = False  # `fastdpo eval` takes it too
+
+    @property
+    def switch(self) -> bool:
+        """A bare `--flag` means true."""
+        return self.type is bool or "true" in self.choices
+
+
+@functools.cache
+def options(cls=Config) -> dict[str, Option]:
+    """The options of a dataclass of `_f` fields (the config, or a command's own options), by name."""
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
-        t = hints[f.name]
-        args = [a for a in typing.get_args(t) if a is not type(None)]
-        out[f.name] = args[0] if args else t
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        choices = tuple(args) if typing.get_origin(hint) is Literal else ()
+        typ = str if choices else (args[0] if args and typing.get_origin(hint) is typing.Union else hint)
+        out[f.name] = Option(f.name, typ, f.default, f.metadata["help"], choices, f.metadata.get("eval", False))
     return out
 
 
-def convert(key: str, value, typ: type, source: str):
-    """Turn a YAML or command-line value into the field's type, or raise a UserError naming the key."""
+def field_types(cls=Config) -> dict[str, type]:
+    return {name: option.type for name, option in options(cls).items()}
+
+
+_BOOL_WORDS = {**dict.fromkeys(("true", "1", "yes", "on"), "true"),
+               **dict.fromkeys(("false", "0", "no", "off"), "false")}
+
+
+def convert(option: Option, value, where: str):
+    """A YAML, command-line or keyword value in the option's type, or a ConfigError naming the key."""
     if value is None:
         return None
-    try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            word = _BOOL_WORDS.get(str(value).strip().lower())
-            if word not in ("true", "false"):
-                raise ValueError
+    bad = ConfigError(option.name, f"expected {_kind(option)}, got {value!r}", where)
+    if option.type is bool or option.switch:
+        word = _BOOL_WORDS.get(str(value).strip().lower()) if not isinstance(value, bool) else str(value).lower()
+        if option.type is bool:
+            if word is None:
+                raise bad
             return word == "true"
-        if typ is int:
+        value = word or value
+    try:
+        if option.type is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if typ is float:
+        if option.type is float:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
-        if isinstance(value, (dict, list)):
-            raise ValueError
-        return str(value)
     except (TypeError, ValueError):
-        raise UserError(f"{source}{key}: expected {typ.__name__}, got {value!r}", exit_code=2) from None
+        raise bad from None
+    if isinstance(value, (dict, list)) or not isinstance(value, (str, int, float)):
+        raise bad
+    value = str(value)
+    if option.switch and value not in option.choices:
+        raise bad
+    if option.choices and value not in option.choices:
+        raise ConfigError(option.name, f"must be one of {', '.join(option.choices)}, got {value!r}"
+                                       f"{_close(value, option.choices)}", where)
+    return value
 
 
-def _unknown(key: str, known, source: str) -> UserError:
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean {source}{close[0]}?)" if close else ""
-    return UserError(f"unknown {'flag' if source == '--' else 'config key'} {source}{key}{hint}", exit_code=2)
+def _kind(option: Option) -> str:
+    if option.choices:
+        return ", ".join(option.choices[:-1]) + " or " + option.choices[-1]
+    return option.type.__name__
 
 
-def parse_flags(argv: list[str], allowed: typing.Iterable[str], types: dict[str, type]) -> dict:
-    """`--key value`, `--key=value`, and bare `--switch` (= true) for booleans and SWITCHES -> {key: value}
-    (values typed)."""
-    allowed = list(allowed)
+def _close(word: str, known, form: str = "{!r}") -> str:
+    """' (did you mean X?)' for the known name closest to `word`, written in `form`, or ''."""
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {form.format(close[0])}?)" if close else ""
+
+
+def parse_flags(argv: list[str], known: dict[str, Option]) -> dict:
+    """`--key value`, `--key=value`, and a bare `--switch` (true) -> {key: typed value}."""
     out, i = {}, 0
     while i < len(argv):
         arg = argv[i]
@@ -246,23 +337,23 @@ def parse_flags(argv: list[str], allowed: typing.Iterable[str], types: dict[str,
             raise UserError(f"unexpected argument {arg!r}: options look like --key value", exit_code=2)
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
-        if key not in allowed:
-            raise _unknown(key, allowed, "--")
+        if key not in known:
+            raise UserError(f"unknown flag --{key}{_close(key, known, '--{}')}", exit_code=2)
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if (types[key] is bool or key in SWITCHES) and (nxt is None or nxt.startswith("--")):
+            if known[key].switch and (nxt is None or nxt.startswith("--")):
                 value = "true"
             elif nxt is None:
                 raise UserError(f"--{key}: needs a value", exit_code=2)
             else:
                 value, i = nxt, i + 1
-        out[key] = convert(key, value, types[key], "--")
+        out[key] = convert(known[key], value, "--")
         i += 1
     return out
 
 
-def load_yaml(path: str, allowed: typing.Iterable[str], types: dict[str, type]) -> dict:
-    allowed = list(allowed)
+def load_yaml(path: str, known: dict[str, Option]) -> dict:
+    """The keys of a YAML config file, typed; an unknown key or a bad value names the file and the key."""
     if not os.path.isfile(path):
         raise UserError(f"--config: {path}: no such file", exit_code=2)
     try:
@@ -275,34 +366,84 @@ def load_yaml(path: str, allowed: typing.Iterable[str], types: dict[str, type]) 
         raise UserError(f"--config: {path}: expected a mapping of keys to values", exit_code=2)
     out = {}
     for key, value in data.items():
-        if key not in allowed:
-            raise UserError(f"{path}: " + str(_unknown(str(key), allowed, "")), exit_code=2)
-        out[key] = convert(key, value, types[key], f"{path}: ")
+        if key not in known:
+            raise UserError(f"{path}: unknown config key {key}{_close(str(key), known, '{}')}", exit_code=2)
+        out[key] = convert(known[key], value, f"{path}: ")
     return out
+
+
+def from_keywords(values: dict, known: dict[str, Option] | None = None, caller: str = "fastdpo") -> dict:
+    """Python API keywords -> typed values; an unknown keyword is an error that suggests the closest name."""
+    known = known or options(Config)
+    out = {}
+    for key, value in values.items():
+        if key not in known:
+            raise UserError(f"{caller}() got an unknown option {key!r}{_close(key, known, '{}=')}", exit_code=2)
+        out[key] = convert(known[key], value, "")
+    return out
+
+
+def make_config(values: dict, sources: dict[str, str] | None = None) -> Config:
+    """A resolved Config of typed values; a validation error names where its key was written."""
+    try:
+        return Config(**values).resolve()
+    except ConfigError as e:
+        where = (sources or {}).get(e.key, "--")
+        if where == "--":
+            raise
+        raise ConfigError(e.key, e.why, where) from None
+
+
+def split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the --config FILE, the other arguments)."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise UserError("--config: needs a YAML file", exit_code=2)
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+    return None, argv
+
+
+def parse_command(argv: list[str], keys: typing.Iterable[str] | None = None, extra=None,
+                  base_file: str | None = None):
+    """A command's arguments `[--config FILE] [--key value ...]` -> (resolved Config, `extra` options or None).
+
+    Precedence: defaults < `base_file` < the --config file < flags. `keys`: the config keys the command takes
+    (all by default); `extra`: a dataclass of the command's own options (flags only, not YAML keys)."""
+    every = options(Config)
+    known = {k: every[k] for k in keys} if keys is not None else dict(every)
+    own = options(extra) if extra is not None else {}
+    config_file, argv = split_config_flag(argv)
+    values, sources = {}, {}
+    for path, allowed in ((base_file, every), (config_file, known)):
+        if path:
+            read = load_yaml(path, allowed)
+            values.update(read)
+            sources.update(dict.fromkeys(read, f"{path}: "))
+    flags = parse_flags(argv, {**known, **own})
+    values.update({k: v for k, v in flags.items() if k not in own})
+    sources.update(dict.fromkeys(flags, "--"))
+    return make_config(values, sources), (extra(**{k: v for k, v in flags.items() if k in own}) if extra else None)
 
 
 def build_config(argv: list[str], allowed: typing.Iterable[str] | None = None,
                  base_file: str | None = None) -> Config:
-    """Config from `[--config FILE] [--key value ...]`: defaults < base_file < --config file < flags."""
-    types = field_types()
-    allowed = list(allowed or types)
-    argv = list(argv)
-    config_file = None
-    for i, arg in enumerate(argv):
-        if arg == "--config" or arg.startswith("--config="):
-            if "=" in arg:
-                config_file = arg.split("=", 1)[1]
-                del argv[i]
-            elif i + 1 < len(argv):
-                config_file = argv[i + 1]
-                del argv[i : i + 2]
-            else:
-                raise UserError("--config: needs a YAML file", exit_code=2)
-            break
-    values = {}
-    if base_file:
-        values.update(load_yaml(base_file, types, types))
-    if config_file:
-        values.update(load_yaml(config_file, allowed, types))
-    values.update(parse_flags(argv, allowed, types))
-    return Config(**values)
+    """A resolved Config from `[--config FILE] [--key value ...]` (see `parse_command`)."""
+    return parse_command(argv, allowed, base_file=base_file)[0]
+
+
+def eval_keys() -> list[str]:
+    """The config keys `fastdpo eval` takes: those marked for eval, the loss parameters among them."""
+    return [name for name, option in options(Config).items() if option.eval]
+
+
+def option_help(known: dict[str, Option]) -> str:
+    """`--help` lines: each option with its help and default."""
+    lines = []
+    for option in known.values():
+        default = "none" if option.default is None else option.default
+        lines.append(f"  --{option.name:<22} {option.help} (default: {default})")
+    return "\n".join(lines)

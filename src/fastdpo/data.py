@@ -1,18 +1,45 @@
-"""Load preference records from files or Hugging Face data sets, validate them, and make the prompt explicit.
+"""Load preference records from files, Hugging Face data sets or objects in memory, validate them, and make the
+prompt explicit.
 
-A record leaves this module as a `Record`: `prompt`, `chosen` and `rejected` are either all strings (text form)
-or all lists of `{"role", "content"}` messages (conversational form). Implicit-prompt records (no prompt field)
-get their prompt from the shared beginning of `chosen` and `rejected`.
+A source is a path (.jsonl, .json, .parquet, a `save_to_disk` directory), a hub data set name, a built-in set
+(`builtin:example`, `builtin:example-eval`), or, from the Python API, a list of dicts, a `datasets.Dataset` or a
+`datasets.DatasetDict`. A record leaves this module as a `Record`: `prompt`, `chosen` and `rejected` are either
+all strings (text form) or all lists of `{"role", "content"}` messages (conversational form). Implicit-prompt
+records (no prompt field) get their prompt from the shared beginning of `chosen` and `rejected`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Iterator
 
 from fastdpo.errors import UserError
+
+BUILTIN_DATA = {"builtin:example": "example/train.jsonl", "builtin:example-eval": "example/eval.jsonl"}
+
+
+def asset_path(relative: str) -> str:
+    """A file the package ships under fastdpo/assets/."""
+    return str(resources.files("fastdpo").joinpath("assets", relative))
+
+
+def resolve_data(path: str, flag: str = "data") -> str:
+    """`builtin:example` and `builtin:example-eval` name the preference set the package ships."""
+    if path in BUILTIN_DATA:
+        return asset_path(BUILTIN_DATA[path])
+    if path.startswith("builtin:"):
+        raise UserError(f"--{flag}: unknown built-in data set {path!r}; built-in: {', '.join(BUILTIN_DATA)}",
+                        exit_code=2)
+    return path
+
+
+def describe(source, name: str) -> str:
+    """How messages name a source: its path, or the keyword it was passed as (`data`, `eval_data`)."""
+    return source if isinstance(source, str) else name
 
 Messages = list  # list[dict[str, str]] with keys "role" and "content"
 
@@ -45,14 +72,17 @@ class BadRecord(Exception):
 
 
 def load_records(
-    path: str, split: str = "train", fields: Fields | None = None, on_bad_record: str = "error"
+    source, split: str = "train", fields: Fields | None = None, on_bad_record: str = "error", name: str = "data"
 ) -> LoadResult:
-    """Read every record of `path` (.jsonl, .json, .parquet, a `save_to_disk` directory or a hub data set name)."""
+    """Read every record of `source` (a path, a hub or built-in name, or an object in memory; see the module
+    docstring). `name`: the option it was given as, for messages about an object in memory."""
     fields = fields or Fields()
     if on_bad_record not in ("error", "skip"):
         raise UserError(f"--on_bad_record must be 'error' or 'skip', got {on_bad_record!r}", exit_code=2)
     result = LoadResult(records=[])
-    for position, (where, raw) in enumerate(_iter_raw(path, split)):
+    raws = _iter_raw(resolve_data(source, name), split) if isinstance(source, str) else _iter_memory(source, split,
+                                                                                                     name)
+    for position, (where, raw) in enumerate(raws):
         try:
             if isinstance(raw, BadRecord):
                 raise raw
@@ -67,8 +97,26 @@ def load_records(
                 result.skip_reasons.append(f"{where}: {e}")
     if not result.records:
         detail = f"; {result.skipped} bad records were skipped" if result.skipped else ""
-        raise UserError(f"{path}: no preference records found{detail}")
+        raise UserError(f"{describe(source, name)}: no preference records found{detail}")
     return result
+
+
+def _iter_memory(source, split: str, name: str) -> Iterator[tuple[str, Any]]:
+    """Yield (where, raw record) for a list of dicts, a datasets.Dataset or a datasets.DatasetDict."""
+    datasets = sys.modules.get("datasets")  # an object of its types exists only once the user imported it
+    if datasets is not None and isinstance(source, datasets.DatasetDict):
+        if split not in source:
+            key = "eval_data_split" if name == "eval_data" else "data_split"
+            raise UserError(f"{name}: no split {split!r} (it has {sorted(source)}); choose one with {key}=")
+        source, name = source[split], f"{name}[{split!r}]"
+    elif datasets is not None and isinstance(source, datasets.IterableDataset):
+        raise UserError(f"{name}: a streaming IterableDataset cannot be trained on here; pass a datasets.Dataset "
+                        "(load_dataset(..., streaming=False)) or a list of dicts")
+    if not isinstance(source, (list, tuple)) and not (datasets is not None and isinstance(source, datasets.Dataset)):
+        raise UserError(f"{name}: expected a path, a list of dicts, a datasets.Dataset or a datasets.DatasetDict, "
+                        f"got {type(source).__name__}")
+    for i, raw in enumerate(source):
+        yield f"{name}[{i}]", raw
 
 
 def _iter_raw(path: str, split: str) -> Iterator[tuple[str, Any]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from dataclasses import dataclass
 
 
 class MetricsFile:
@@ -71,3 +73,39 @@ def pooled_means(parts: list[dict]) -> dict:
     out = {key: sum(p[key] * p["pairs"] for p in parts) / total for key in parts[0] if key != "pairs"}
     out["pairs"] = total
     return out
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step, as the logging window keeps it."""
+
+    metrics: dict  # the step's means over its global batch
+    grad_norm: float
+    tokens: int  # tokens of the step's pairs, over all processes
+    pairs: int
+
+
+class LogWindow:
+    """The steps since the last metrics.jsonl line: their pair-weighted means, and throughput over the window."""
+
+    def __init__(self):
+        self.steps: list[StepRecord] = []
+        self.start = time.perf_counter()
+
+    def add(self, step: StepRecord) -> None:
+        self.steps.append(step)
+
+    def pairs_per_second(self) -> float:
+        return sum(s.pairs for s in self.steps) / max(time.perf_counter() - self.start, 1e-9)
+
+    def flush(self, step: int, epoch: float, lr: float) -> dict:
+        """The metrics.jsonl record of the window, which then starts again."""
+        elapsed, pairs = max(time.perf_counter() - self.start, 1e-9), sum(s.pairs for s in self.steps)
+        record = {"step": step, "epoch": round(epoch, 4), "learning_rate": lr}
+        for key in self.steps[-1].metrics:
+            record[key] = sum(s.metrics[key] * s.pairs for s in self.steps) / pairs
+        record["grad_norm"] = sum(s.grad_norm for s in self.steps) / len(self.steps)
+        record["pairs_per_second"] = pairs / elapsed
+        record["tokens_per_second"] = sum(s.tokens for s in self.steps) / elapsed
+        self.steps, self.start = [], time.perf_counter()
+        return record

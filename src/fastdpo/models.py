@@ -1,31 +1,37 @@
-"""Load policies, references and tokenizers; the built-in tiny model. Nothing here downloads unless asked to."""
+"""Load the policy, the reference model and the tokenizer (from paths, hub ids, the built-in tiny model, or objects
+the Python API was given); LoRA wrapping. Nothing here downloads unless asked to."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-from importlib import resources
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from fastdpo.data import asset_path
 from fastdpo.errors import UserError
 
 BUILTIN_MODELS = {"builtin:tiny": "tiny"}
-BUILTIN_DATA = {"builtin:example": "example/train.jsonl", "builtin:example-eval": "example/eval.jsonl"}
 
 
-def asset_path(relative: str) -> str:
-    return str(resources.files("fastdpo").joinpath("assets", relative))
+@dataclass
+class Inputs:
+    """What the Python API was given in memory instead of the config's paths; None: load it from the config."""
+
+    model: Any = None  # a loaded transformers PreTrainedModel (trained in place)
+    tokenizer: Any = None  # its tokenizer
+    ref_model: Any = None  # a loaded reference model
+    data: Any = None  # a list of dicts, a datasets.Dataset or a datasets.DatasetDict
+    eval_data: Any = None
 
 
-def resolve_data(path: str) -> str:
-    """`builtin:example` and `builtin:example-eval` name the preference set the package ships."""
-    if path in BUILTIN_DATA:
-        return asset_path(BUILTIN_DATA[path])
-    if path.startswith("builtin:"):
-        raise UserError(f"--data: unknown built-in data set {path!r}; built-in: {', '.join(BUILTIN_DATA)}",
-                        exit_code=2)
-    return path
+def in_memory_name(model) -> str:
+    """What the saved config records for a model passed in memory: where it was loaded from, if anywhere."""
+    path = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return path or f"<{type(model).__name__} passed in memory>"
 
 
 def _source(name: str, flag: str) -> str:
@@ -56,11 +62,67 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "mode
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"--{flag}: {name}: could not load a tokenizer ({first}); the model directory needs "
                         "its tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json)") from None
+    return _with_pad(tokenizer, f"{flag}: {name}")
+
+
+def policy_tokenizer(cfg, inputs: Inputs):
+    """The policy's tokenizer: the one passed beside a model in memory, else loaded from the model's path."""
+    if inputs.tokenizer is not None:
+        return _with_pad(inputs.tokenizer, "tokenizer")
+    if inputs.model is not None:
+        path = in_memory_name(inputs.model)
+        if path.startswith("<") or not (os.path.isdir(path) or path.count("/") == 1):
+            raise UserError("tokenizer: a model passed in memory needs its tokenizer beside it "
+                            "(fastdpo.train(model=model, tokenizer=tokenizer, ...))", exit_code=2)
+        return load_tokenizer(path, cfg.trust_remote_code)
+    return load_tokenizer(cfg.model, cfg.trust_remote_code)
+
+
+def _with_pad(tokenizer, name: str):
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise UserError(f"--{flag}: {name}: the tokenizer has neither a pad nor an EOS token")
+            raise UserError(f"--{name}: the tokenizer has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token  # padding is always masked, so any id works
     return tokenizer
+
+
+def load_policy(cfg, inputs: Inputs):
+    """The policy to train, dropout off, with LoRA adapters when the config asks for them."""
+    model = inputs.model if inputs.model is not None else load_model(
+        cfg.model, cfg.seed, cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit)
+    disable_dropout(model)  # before LoRA wraps it, so --lora_dropout keeps its value
+    if cfg.lora:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.adapter)
+    return model
+
+
+def load_reference_model(cfg, policy, inputs: Inputs):
+    """The frozen model the reference log-probs come from: --ref_model, a copy of the starting policy, or, for a
+    precomputed reference without --ref_model, the starting policy itself (nothing has trained it yet). None for
+    no reference, and for LoRA, whose reference is the policy's own weights with the adapters off."""
+    kind = cfg.reference
+    if kind == "none":
+        return None
+    if inputs.ref_model is not None or cfg.ref_model:
+        model = inputs.ref_model if inputs.ref_model is not None else load_model(
+            cfg.ref_model, cfg.seed, cfg.trust_remote_code, flag="ref_model")
+    elif is_lora(policy):
+        return None
+    elif kind == "precomputed":
+        return policy
+    else:
+        model = copy.deepcopy(policy)
+    disable_dropout(model)
+    return model.eval().requires_grad_(False)
+
+
+def disable_dropout(model) -> None:
+    """DPO compares log-probs of the policy and the reference: dropout noise would bias both (TRL does the same)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def adapter_base(path: str) -> str | None:

@@ -1,4 +1,12 @@
-"""Reference log-probs computed once: batched, without gradients, cached on disk and reused by later runs.
+"""The reference: what gives the reference log-probs of a batch of pairs, in one of four forms.
+
+- `ModelReference`: a frozen model (a copy of the starting policy, or `--ref_model`), scored in the run's layout;
+- `AdapterReference`: a LoRA policy's own weights with its adapters switched off (or its frozen "ref" adapter);
+- `PrecomputedReference`: the log-probs of every pair of one data set, computed once (batched, without gradients,
+  cached on disk and reused by later runs) and held as an `(N, 2)` tensor beside the pairs;
+- `NoReference`: zeros, for the reference-free losses.
+
+`build_reference` makes the one the config asks for, for training and for `eval` alike.
 
 The cache key covers everything the numbers depend on: the reference weights, the token ids of every pair (so
 the data, the tokenizer and the truncation settings) and the precision. A hit skips the reference model's
@@ -12,13 +20,117 @@ import hashlib
 import json
 import os
 import time
+from typing import Sequence
 
 import torch
 
+from fastdpo.batching import Batch, Layout
 from fastdpo.checkpoint import atomic_write_bytes
-from fastdpo.logps import Scorer, split_pairs
-from fastdpo.parallel import Processes
+from fastdpo.config import Config
+from fastdpo.logps import LogpsModule, split_pairs
+from fastdpo.runtime import Runtime
 from fastdpo.tokenize import TokenizedPair
+
+
+class Reference:
+    """The reference log-probs of a batch. `positions`: the batch's pairs' positions in the data set this reference
+    serves (only a precomputed reference reads them). Shape: (2B,) as chosen then rejected, float32."""
+
+    model = None  # the frozen reference model, where one is run (TR-DPO moves its weights)
+    weights = None  # the module whose weights give the log-probs (what the cache key digests)
+
+    def logps(self, batch: Batch, positions: Sequence[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def placed(self, runtime: Runtime) -> "Reference":
+        """This reference as the run's strategy holds it (a frozen model is sharded like the policy)."""
+        return self
+
+
+class NoReference(Reference):
+    def logps(self, batch: Batch, positions: Sequence[int]) -> torch.Tensor:
+        return torch.zeros(2 * batch.num_pairs, dtype=torch.float32, device=batch.input_ids.device)
+
+
+class ModelReference(Reference):
+    def __init__(self, module, model):
+        self.module = module  # LogpsModule of the frozen model, or its strategy wrapper
+        self.model = self.weights = model
+
+    @torch.no_grad()
+    def logps(self, batch: Batch, positions: Sequence[int]) -> torch.Tensor:
+        return self.module(batch)[0]
+
+    def placed(self, runtime: Runtime) -> Reference:
+        return ModelReference(runtime.shard_frozen(self.module), self.model)
+
+
+class AdapterReference(Reference):
+    """No second model: the policy's forward with its adapters off, or with the frozen "ref" copy of a starting
+    adapter active."""
+
+    def __init__(self, policy_module: LogpsModule, peft_model):
+        self.policy_module, self.peft_model = policy_module, peft_model
+        self.weights = policy_module.model
+
+    @contextlib.contextmanager
+    def _reference_weights(self):
+        if "ref" in self.peft_model.peft_config:
+            self.peft_model.set_adapter("ref")
+            try:
+                yield
+            finally:
+                self.peft_model.set_adapter("default")  # also makes "default" trainable again
+        else:
+            with self.peft_model.disable_adapter():
+                yield
+
+    @torch.no_grad()
+    def logps(self, batch: Batch, positions: Sequence[int]) -> torch.Tensor:
+        with self._reference_weights():
+            return self.policy_module(batch)[0]
+
+
+class PrecomputedReference(Reference):
+    def __init__(self, values: torch.Tensor):
+        self.values = values  # (N, 2): (chosen, rejected) of every pair of the set, in order
+
+    def logps(self, batch: Batch, positions: Sequence[int]) -> torch.Tensor:
+        index = torch.as_tensor(list(positions), dtype=torch.long)
+        picked = self.values[index]  # (B, 2)
+        return torch.cat([picked[:, 0], picked[:, 1]]).to(batch.input_ids.device)  # (2B,)
+
+
+def build_reference(cfg: Config, policy, policy_module: LogpsModule, reference_model, layout: Layout,
+                    pad_token_id: int, sets: dict[str, list[TokenizedPair]], runtime: Runtime
+                    ) -> dict[str, Reference]:
+    """The reference the config asks for, for each named set of pairs: one object for all of them, placed as the
+    strategy holds it, except precomputed values, which belong to their set. `reference_model`: from
+    `models.load_reference_model`. Call it before the policy is prepared (sharded): a precomputing policy scores
+    its shard of the pairs alone."""
+    if cfg.reference == "none":
+        live = NoReference()
+    elif reference_model is None:  # LoRA: the policy's own weights, adapters off
+        live = AdapterReference(policy_module, policy)
+    elif reference_model is policy:  # precomputed by the starting policy itself, before it trains
+        live = ModelReference(policy_module, policy)
+    else:
+        live = ModelReference(LogpsModule(reference_model, layout), reference_model)
+    if cfg.reference != "precomputed":
+        return dict.fromkeys(sets, live.placed(runtime))
+    batch_size = cfg.eval_batch_size or cfg.micro_batch_size or cfg.batch_size
+    weights = weights_digest(live.weights) if reference_cache_dir(cfg) else ""
+    return {name: precompute(live, pairs, name, layout, pad_token_id, batch_size, runtime, cfg, weights)
+            for name, pairs in sets.items()}
+
+
+# --- precomputed log-probs and their cache --------------------------------------------------------------------
+
+
+def reference_cache_dir(cfg: Config) -> str | None:
+    if cfg.ref_cache_dir == "off":
+        return None
+    return os.path.expanduser(cfg.ref_cache_dir) if cfg.ref_cache_dir else default_cache_dir()
 
 
 def default_cache_dir() -> str:
@@ -44,79 +156,43 @@ def cache_key(weights: str, pairs: list[TokenizedPair], precision: str) -> str:
 
 
 @torch.no_grad()
-def compute_reference_logps(scorer: Scorer, pairs: list[TokenizedPair], batch_size: int, device,
-                            autocast) -> torch.Tensor:
+def compute_reference_logps(reference: Reference, pairs: list[TokenizedPair], layout: Layout, pad_token_id: int,
+                            batch_size: int, runtime: Runtime) -> torch.Tensor:
     """Reference log-probs of every pair, in order. Shape: (N, 2) as (chosen, rejected)."""
     out = []
     for start in range(0, len(pairs), batch_size):
-        batch = scorer.collate(pairs[start : start + batch_size]).to(device)
-        with autocast():
-            logps, _ = scorer(batch)  # (2b,)
+        batch = layout.collate(pairs[start : start + batch_size], pad_token_id).to(runtime.device)
+        with runtime.autocast():
+            logps = reference.logps(batch, range(start, start + batch.num_pairs))  # (2b,)
         chosen, rejected = split_pairs(logps.float().cpu())
         out.append(torch.stack([chosen, rejected], dim=1))
     return torch.cat(out) if out else torch.zeros(0, 2)  # a process's shard can be empty
 
 
-def precompute_reference(scorer: Scorer, pair_sets: dict[str, list[TokenizedPair]], batch_size: int, device,
-                         autocast, precision: str, cache_dir: str | None, log=print,
-                         processes: Processes = Processes()) -> None:
-    """Attach `reference_logps` to every pair of every set, from the cache when it has them.
+def precompute(reference: Reference, pairs: list[TokenizedPair], name: str, layout: Layout, pad_token_id: int,
+               batch_size: int, runtime: Runtime, cfg: Config, weights: str) -> PrecomputedReference:
+    """The set's reference log-probs, from the cache when it has them.
 
-    With several processes each computes its shard (`processes.shard`) and all of them receive every value; the
-    main process writes the cache. A cache file is used only when every process can read it."""
+    With several processes each computes its shard and all of them receive every value; the main process writes
+    the cache. A cache file is used only when every process can read it."""
     from safetensors.torch import load_file, save
 
-    weights = weights_digest(scorer.model) if cache_dir else ""
-    for name, pairs in pair_sets.items():
-        start = time.perf_counter()
-        path = os.path.join(cache_dir, cache_key(weights, pairs, precision) + ".safetensors") if cache_dir else None
-        if path and all(processes.gather(os.path.isfile(path))):
-            values = load_file(path)["reference_logps"]
-            how = f"loaded from the cache {path}"
-        else:
-            shard = compute_reference_logps(scorer, processes.shard(pairs), batch_size, device, autocast)
-            values = torch.stack(processes.unshard([list(s) for s in processes.gather(shard)]))  # (N, 2)
-            how = f"computed in {time.perf_counter() - start:.1f} s" + \
-                (f" by {processes.world} processes" if processes.world > 1 else "")
-            if path and processes.main:
-                atomic_write_bytes(path, save({"reference_logps": values.contiguous()}))
-                how += f", cached at {path}"
-        assert values.shape == (len(pairs), 2)
-        for pair, (chosen, rejected) in zip(pairs, values.tolist()):
-            pair.reference_logps = (chosen, rejected)
-        log(f"reference log-probs for {len(pairs)} {name} pairs: {how}")
-
-
-class AdapterReference:
-    """The reference of a LoRA policy: the policy's own weights, scored with its adapters switched off (or with
-    the frozen "ref" copy of a starting adapter active). No second model is held."""
-
-    def __init__(self, scorer: Scorer, peft_model):
-        self.scorer, self.peft_model = scorer, peft_model
-        self.model = scorer.model  # what the cache key digests
-
-    @property
-    def layout(self) -> tuple:
-        return self.scorer.layout
-
-    def collate(self, pairs):
-        return self.scorer.collate(pairs)
-
-    @contextlib.contextmanager
-    def _reference_weights(self):
-        if "ref" in self.peft_model.peft_config:
-            self.peft_model.set_adapter("ref")
-            try:
-                yield
-            finally:
-                self.peft_model.set_adapter("default")  # also makes "default" trainable again
-        else:
-            with self.peft_model.disable_adapter():
-                yield
-
-    def __call__(self, batch):
-        with torch.no_grad(), self._reference_weights():
-            return self.scorer(batch)
+    processes, cache_dir, start = runtime.processes, reference_cache_dir(cfg), time.perf_counter()
+    path = os.path.join(cache_dir, cache_key(weights, pairs, cfg.precision) + ".safetensors") if cache_dir else None
+    if path and all(processes.gather(os.path.isfile(path))):
+        values = load_file(path)["reference_logps"]
+        how = f"loaded from the cache {path}"
+    else:
+        shard = compute_reference_logps(reference, processes.shard(pairs), layout, pad_token_id, batch_size, runtime)
+        values = torch.stack(processes.unshard([list(s) for s in processes.gather(shard)]))  # (N, 2)
+        how = f"computed in {time.perf_counter() - start:.1f} s" + \
+            (f" by {processes.world} processes" if processes.world > 1 else "")
+        if path and processes.main:
+            atomic_write_bytes(path, save({"reference_logps": values.contiguous()}))
+            how += f", cached at {path}"
+    assert values.shape == (len(pairs), 2)
+    runtime.log(f"reference log-probs for {len(pairs)} {name} pairs: {how}")
+    return PrecomputedReference(values)
 
 
 @torch.no_grad()

@@ -27,7 +27,6 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     index: int  # position of the record in the loaded data, kept through drops for per-pair outputs
-    reference_logps: tuple[float, float] | None = None  # precomputed (chosen, rejected) reference log-probs
 
     @property
     def num_tokens(self) -> int:
@@ -185,15 +184,17 @@ def truncate_pair(prompt, chosen, rejected, max_length, max_prompt_length, stats
 
 
 
-def load_pairs(path: str, split: str, tokenizer, *, fields, max_length: int, max_prompt_length: int,
+def load_pairs(source, split: str, tokenizer, *, fields, max_length: int, max_prompt_length: int,
                on_bad_record: str = "error", name: str = "data") -> tuple[list[TokenizedPair], TokenizeStats]:
-    """Read, validate and tokenize a preference data source; a source with no usable pair is an error."""
-    from fastdpo.data import load_records
+    """Read, validate and tokenize a preference data source (a path or name, or an object in memory passed as the
+    option `name`); a source with no usable pair is an error."""
+    from fastdpo.data import describe, load_records
 
-    loaded = load_records(path, split=split, fields=fields, on_bad_record=on_bad_record)
+    loaded = load_records(source, split=split, fields=fields, on_bad_record=on_bad_record, name=name)
     pairs, stats = tokenize_records(loaded.records, tokenizer, max_length, max_prompt_length, on_bad_record)
     stats.records += loaded.skipped
     stats.skipped_bad += loaded.skipped
     if not pairs:
-        raise UserError(f"{path}: no usable preference pair left ({stats.summary(name)})")
+        label = "eval data" if name == "eval_data" else "data"
+        raise UserError(f"{describe(source, name)}: no usable preference pair left ({stats.summary(label)})")
     return pairs, stats

@@ -1,0 +1,54 @@
+"""The Python API, for notebooks and scripts: `fastdpo.train(...)` and `fastdpo.evaluate(...)`.
+
+    import fastdpo
+    result = fastdpo.train(model="path/to/model", data="pairs.jsonl", eval_data="heldout.jsonl",
+                           output_dir="out", beta=0.1, learning_rate=5e-7)
+    result.model, result.eval_after
+
+`model` and `ref_model` take a path, a hub id or a loaded transformers model (then pass `tokenizer=` beside it,
+unless the model was loaded from a directory that holds one); `data` and `eval_data` take a path or name, a
+`datasets.Dataset` or `DatasetDict`, or a list of dicts. Every other keyword is a config option, named as the
+command-line flags (docs/options.md). Validation, messages and outputs are the CLI's; bad input raises
+`fastdpo.errors.UserError` with the one-line message the CLI prints.
+"""
+
+from __future__ import annotations
+
+from fastdpo.config import Config, eval_keys, from_keywords, make_config, options
+from fastdpo.models import Inputs, in_memory_name
+
+
+def train(model, data, eval_data=None, *, tokenizer=None, ref_model=None, **options_):
+    """Fine-tune `model` on the preference pairs `data` with DPO. Returns a `TrainResult`: `.model` (the trained
+    policy, in memory), `.eval_before` / `.eval_after` (held-out metrics), `.last_metrics`, `.output_dir`."""
+    from fastdpo.training import train as run
+
+    cfg, inputs = _config("fastdpo.train", options(Config), dict(model=model, data=data, eval_data=eval_data,
+                                                                ref_model=ref_model), tokenizer, options_)
+    return run(cfg, inputs)
+
+
+def evaluate(model, data, ref_model=None, *, tokenizer=None, **options_):
+    """Score `model` against `ref_model` on the preference pairs `data` (as `fastdpo eval`). Returns an
+    `EvalResult`: `.metrics` (means over the pairs) and `.rows` (one per pair)."""
+    from fastdpo.evaluation import run_eval
+
+    known = {k: options(Config)[k] for k in eval_keys()}
+    cfg, inputs = _config("fastdpo.evaluate", known, dict(model=model, data=data, ref_model=ref_model), tokenizer,
+                          options_)
+    return run_eval(cfg, inputs)
+
+
+def _config(caller: str, known: dict, sources: dict, tokenizer, keywords: dict) -> tuple[Config, Inputs]:
+    """The resolved config and the objects passed in memory. An object stands in for its option: the config
+    records what it was (a model's directory, or a description), and the run uses the object itself."""
+    values = from_keywords(keywords, known, caller)
+    inputs = Inputs(tokenizer=tokenizer)
+    for key, value in sources.items():
+        if value is None or isinstance(value, str):
+            values[key] = value
+        else:
+            setattr(inputs, key, value)
+            values[key] = in_memory_name(value) if key in ("model", "ref_model") else \
+                f"<{type(value).__name__} passed in memory>"
+    return make_config(values, dict.fromkeys(values, "")), inputs

@@ -1,0 +1,93 @@
+"""Score a policy against a reference over preference pairs: the in-loop evaluation and the `eval` command."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fastdpo.batching import Layout
+from fastdpo.config import Config
+from fastdpo.data import Fields
+from fastdpo.errors import UserError
+from fastdpo.logps import LogpsModule
+from fastdpo.losses import REFERENCE_FREE
+from fastdpo.metrics import pooled_means
+from fastdpo.models import Inputs, load_model, load_reference_model, policy_tokenizer
+from fastdpo.reference import Reference, build_reference
+from fastdpo.runtime import Processes, Runtime, start
+from fastdpo.step import choose_layout, score_batch
+from fastdpo.tokenize import TokenizedPair, load_pairs
+
+@dataclass
+class EvalResult:
+    metrics: dict  # the means over all pairs, with their count as `pairs`
+    rows: list[dict] = field(default_factory=list)  # one per pair: log-probs, rewards, loss, token counts
+
+
+@torch.no_grad()
+def evaluate_pairs(policy, reference: Reference, pairs: list[TokenizedPair], cfg: Config, layout: Layout,
+                   pad_token_id: int, batch_size: int, runtime: Runtime, share: Processes = Processes()
+                   ) -> EvalResult:
+    """Means of the per-pair metrics over `pairs`, and one row per pair, batches taken in data order.
+
+    With `share` several processes each score their shard and the means are pooled; the rows are this process's.
+    Sharded weights (FSDP, ZeRO-3) need every process in every forward: there each scores them all."""
+    positions = share.shard(list(range(len(pairs))))
+    values: dict[str, list[torch.Tensor]] = {}
+    rows = []
+    for start_at in range(0, len(positions), batch_size):
+        chunk = positions[start_at : start_at + batch_size]
+        batch = layout.collate([pairs[i] for i in chunk], pad_token_id).to(runtime.device)
+        with runtime.autocast():
+            scored = score_batch(policy, reference, batch, chunk, cfg)
+        for key, value in scored.metrics.items():
+            values.setdefault(key, []).append(value.cpu())
+        rows += per_pair_rows(batch.indices, {key: parts[-1] for key, parts in values.items()}, scored)
+    metrics = {key: torch.cat(parts).mean().item() for key, parts in values.items()}
+    metrics["pairs"] = len(positions)
+    if share.world > 1:
+        metrics = pooled_means(share.gather(metrics))
+    return EvalResult(metrics, rows)
+
+
+def per_pair_rows(indices: list[int], m: dict[str, torch.Tensor], scored) -> list[dict]:
+    """One `--per_pair_out` row per pair of a batch (its per-pair metrics `m`, on the CPU)."""
+    column = {key: value.tolist() for key, value in m.items()}
+    ref_chosen, ref_rejected = scored.reference_chosen.cpu().tolist(), scored.reference_rejected.cpu().tolist()
+    return [{"index": index,
+             "policy_chosen_logps": column["logps/chosen"][i], "policy_rejected_logps": column["logps/rejected"][i],
+             "reference_chosen_logps": ref_chosen[i], "reference_rejected_logps": ref_rejected[i],
+             "chosen_reward": column["rewards/chosen"][i], "rejected_reward": column["rewards/rejected"][i],
+             "loss": column["loss"][i], "chosen_tokens": int(column["tokens/chosen"][i]),
+             "rejected_tokens": int(column["tokens/rejected"][i])} for i, index in enumerate(indices)]
+
+
+def run_eval(cfg: Config, inputs: Inputs | None = None) -> EvalResult:
+    """The `eval` command: load the policy, the reference and the data; score every pair. Under several processes
+    each scores every pair (batches stay in data order; the main process reports)."""
+    inputs = inputs or Inputs()
+    if inputs.model is None and not cfg.model:
+        raise UserError("--model: eval needs the policy to score (a model directory, hub id or adapter directory)",
+                        exit_code=2)
+    if inputs.data is None and not cfg.data:
+        raise UserError("--data: eval needs preference data (--data PATH)", exit_code=2)
+    if cfg.reference != "none" and inputs.ref_model is None and not cfg.ref_model:
+        raise UserError(f"--ref_model: eval with --loss {cfg.loss} needs a reference model (only "
+                        f"{', '.join(sorted(REFERENCE_FREE))} run without one)", exit_code=2)
+    runtime = start(cfg)
+    tokenizer = policy_tokenizer(cfg, inputs)
+    pairs, stats = load_pairs(
+        inputs.data if inputs.data is not None else cfg.data, cfg.data_split, tokenizer,
+        fields=Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
+        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, on_bad_record=cfg.on_bad_record)
+    runtime.log(stats.summary())
+    policy = inputs.model if inputs.model is not None else load_model(cfg.model, cfg.seed, cfg.trust_remote_code)
+    policy = policy.eval().to(runtime.device)
+    reference_model = load_reference_model(cfg, policy, inputs)
+    reference_model = reference_model.to(runtime.device) if reference_model is not None else None
+    pad = tokenizer.pad_token_id
+    layout = choose_layout(cfg, [policy, reference_model], pairs, pad, runtime)
+    module = LogpsModule(policy, layout)
+    reference = build_reference(cfg, policy, module, reference_model, layout, pad, {"eval": pairs}, runtime)["eval"]
+    return evaluate_pairs(module, reference, pairs, cfg, layout, pad, cfg.batch_size, runtime)

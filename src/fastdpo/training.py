@@ -1,0 +1,403 @@
+"""`fastdpo train`: `setup` builds every piece of a run (nothing is written until it has succeeded), then `fit` runs
+the one explicit training loop."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastdpo.batching import Layout, batch_order
+from fastdpo.checkpoint import (TrainerState, atomic_write_text, check_output_dir, clean_partial_checkpoints,
+                                latest_checkpoint, load_checkpoint, prepare_fresh_output_dir, save_checkpoint,
+                                save_final)
+from fastdpo.config import Config
+from fastdpo.data import Fields
+from fastdpo.errors import UserError
+from fastdpo.evaluation import evaluate_pairs
+from fastdpo.logps import LogpsModule
+from fastdpo.metrics import LogWindow, MetricsFile, NoMetricsFile, ProgressBar, StepRecord, mean_metrics
+from fastdpo.models import Inputs, is_lora, load_policy, load_reference_model, policy_tokenizer
+from fastdpo.reference import Reference, build_reference, sync_reference
+from fastdpo.runtime import Processes, Runtime, start
+from fastdpo.step import choose_layout, score_batch
+from fastdpo.tokenize import TokenizedPair, load_pairs
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    steps: int
+    eval_before: dict | None
+    eval_after: dict | None
+    last_metrics: dict | None  # the last metrics.jsonl training line
+    stopped: bool = False  # by SIGTERM or Ctrl-C, after writing a checkpoint
+    model: Any = None  # the trained policy, in memory (a peft model with LoRA)
+
+
+@dataclass
+class Run:
+    """Every piece `setup` built, handed to `fit`."""
+
+    cfg: Config
+    runtime: Runtime
+    tokenizer: Any
+    pairs: list[TokenizedPair]
+    eval_pairs: list[TokenizedPair] | None
+    policy: Any  # the model that trains and is saved (a peft model with LoRA)
+    module: Any  # the policy's LogpsModule as the strategy wrapped it: the forward the loop runs
+    layout: Layout
+    reference: Reference  # for the training pairs
+    eval_reference: Reference | None
+    optimizer: Any
+    scheduler: Any
+    state: TrainerState
+    resume_from: str | None
+    micro_batch_size: int  # pairs per forward pass per process
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+
+def train(cfg: Config, inputs: Inputs | None = None) -> TrainResult:
+    """Fine-tune `cfg.model` (or the model in `inputs`) on `cfg.data` with DPO; see the README."""
+    return fit(setup(cfg, inputs))
+
+
+def fit(run: Run) -> TrainResult:
+    """The loop: each step's micro-batches (forward, loss, backward), clip, optimizer step, log, eval, save."""
+    cfg, rt, state, pairs = run.cfg, run.runtime, run.state, run.pairs
+    metrics_file = open_outputs(run)
+    if state.step == 0:
+        state.eval_before = evaluate_now(run, 0, metrics_file)
+    if state.eval_before:
+        rt.log(eval_line("eval before training", state.eval_before))
+    bar = ProgressBar(state.total_steps, initial=state.step, enabled=cfg.progress and rt.main)
+    window, last, orders = LogWindow(), None, {}
+    lengths = [p.num_tokens for p in pairs] if cfg.group_by_length else None
+    stop = StopOnSignal().install()  # SIGTERM / first Ctrl-C: finish the step, checkpoint, exit 0
+    run.module.train()
+    try:
+        for step in range(state.step, state.total_steps):
+            epoch, index = divmod(step, state.steps_per_epoch)
+            if epoch not in orders:  # the data order is a function of (seed, epoch): resume needs only the step
+                orders = {epoch: batch_order(len(pairs), cfg.batch_size, cfg.shuffle, cfg.seed, epoch, lengths)}
+            positions = orders[epoch][index]
+            micro_batches = rt.processes.micro_batches(positions, run.micro_batch_size)
+            shares = []
+            for k, (chunk, scale) in enumerate(micro_batches):
+                batch = run.layout.collate([pairs[i] for i in chunk], run.pad_token_id).to(rt.device)
+                last_micro = k == len(micro_batches) - 1
+                sync = contextlib.nullcontext() if last_micro else rt.accelerator.no_sync(run.module)
+                with sync, rt.autocast():
+                    scored = score_batch(run.module, run.reference, batch, chunk, cfg)
+                    rt.accelerator.backward(scored.losses.sum() * scale)
+                if scale:  # a zero-scale micro-batch only keeps the processes in step
+                    shares.append(ShareOfStep(scored.metrics, sum(pairs[i].num_tokens for i in chunk),
+                                              batch.padding_share))
+            grad_norm = rt.clip_grad_norm(run.module, cfg.max_grad_norm)
+            lr = run.scheduler.get_last_lr()[0]
+            stats = gather_step(rt.processes, shares, stop.requested is not None)  # the one gather of a step
+            optimizer_step(run, math.isfinite(grad_norm) and math.isfinite(stats.metrics["loss"]))
+            state.step = done = step + 1
+            if cfg.ref_sync_steps and done % cfg.ref_sync_steps == 0:
+                sync_reference(run.reference.model, run.policy, cfg.ref_sync_alpha)
+            stats.metrics["skipped_steps"] = state.skipped_steps
+            window.add(StepRecord(stats.metrics, grad_norm, stats.tokens, len(positions)))
+            bar.update({**stats.metrics, "pairs_per_second": window.pairs_per_second()})
+            if done % cfg.logging_steps == 0 or done == state.total_steps:
+                last = window.flush(done, epoch + (index + 1) / state.steps_per_epoch, lr)
+                metrics_file.write(last)
+            if cfg.eval_steps and done % cfg.eval_steps == 0 and done != state.total_steps:
+                result = evaluate_now(run, done, metrics_file)
+                if result and rt.main:
+                    bar.write(eval_line(f"step {done}: eval", result))
+            stopping = stats.stop_requested and done != state.total_steps  # every process stops after this step
+            if stopping and rt.sharded:
+                raise UserError(f"stopped by {stop.requested or 'a signal'} after step {done}: mid-run checkpoints "
+                                "are not supported under FSDP or DeepSpeed yet, nothing was saved")
+            if ((cfg.save_steps and done % cfg.save_steps == 0 and done != state.total_steps) or stopping) and rt.main:
+                save_checkpoint(cfg.output_dir, done, run.policy, run.optimizer, run.scheduler, state.to_json(),
+                                keep=cfg.save_total_limit, reference=synced_reference(run),
+                                scaler=rt.accelerator.scaler)
+            rt.accelerator.wait_for_everyone()
+            if stopping:
+                bar.close()
+                rt.log(f"fastdpo: {stop.requested or 'stop'}: stopped after step {done} of {state.total_steps}; "
+                       "checkpoint written, continue with the same command plus --resume")
+                return TrainResult(cfg.output_dir, done, state.eval_before, None, last, True, run.policy)
+    finally:
+        stop.uninstall()
+    bar.close()
+    eval_after = evaluate_now(run, state.total_steps, metrics_file)
+    state_dict = rt.full_state_dict(run.module)  # every process takes part in gathering sharded weights
+    if rt.main:
+        results = {"steps": state.total_steps, "eval_before": state.eval_before, "eval_after": eval_after}
+        save_final(cfg.output_dir, run.policy, run.tokenizer, results, is_lora(run.policy), cfg.merge_lora,
+                   state_dict)
+        print_summary(cfg, state.eval_before, eval_after)
+    rt.accelerator.wait_for_everyone()
+    return TrainResult(cfg.output_dir, state.total_steps, state.eval_before, eval_after, last, model=run.policy)
+
+
+# --- set-up ---------------------------------------------------------------------------------------------------
+
+
+def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
+    """Load the data and the models, choose the layout, build the reference and the optimizer, restore a checkpoint
+    with --resume. Nothing is written to the output directory here."""
+    from accelerate.utils import set_seed
+
+    inputs = inputs or Inputs()
+    require_inputs(cfg, inputs)
+    runtime = start(cfg)
+    resume_from = check_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume)
+    runtime.processes.barrier()  # every process has checked the output dir before the main one writes to it
+    set_seed(cfg.seed)
+    tokenizer = policy_tokenizer(cfg, inputs)
+    pairs = load_set(cfg, tokenizer, inputs.data, "data", runtime)
+    eval_pairs = load_set(cfg, tokenizer, inputs.eval_data, "eval_data", runtime)
+    policy = load_policy(cfg, inputs).to(runtime.device)
+    reference_model = load_reference_model(cfg, policy, inputs)
+    reference_model = reference_model.to(runtime.device) if reference_model is not None else None
+    body = policy.get_base_model() if is_lora(policy) else policy  # the Hugging Face model, LoRA layers injected
+    layout = choose_layout(cfg, [body, reference_model], pairs + (eval_pairs or []), tokenizer.pad_token_id,
+                           runtime)
+    module = LogpsModule(body, layout)
+    sets = {"train": pairs, **({"eval": eval_pairs} if eval_pairs else {})}
+    references = build_reference(cfg, policy, module, reference_model, layout, tokenizer.pad_token_id, sets,
+                                 runtime)
+    if cfg.gradient_checkpointing == "true":
+        body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    world = runtime.processes.world
+    if cfg.batch_size % world:
+        raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} processes", exit_code=2)
+    steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+    state = TrainerState(steps_per_epoch, cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch))
+    optimizer = make_optimizer(cfg, policy, runtime.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, state.total_steps))
+    runner, optimizer = runtime.prepare(module, optimizer)  # `policy` stays the model to save
+    run = Run(cfg, runtime, tokenizer, pairs, eval_pairs, policy, runner, layout, references["train"],
+              references.get("eval"), optimizer, scheduler, state, resume_from,
+              cfg.micro_batch_size or cfg.batch_size // world)
+    if resume_from:
+        run.state = resume(run)
+    return run
+
+
+def require_inputs(cfg: Config, inputs: Inputs) -> None:
+    if inputs.model is None and not cfg.model:
+        raise UserError("--model: no model to train; pass a model directory or hub id (builtin:tiny is a tiny "
+                        "random model for trying fastdpo out)", exit_code=2)
+    if inputs.data is None and not cfg.data:
+        raise UserError("--data: no training data; pass preference pairs (a .jsonl/.json/.parquet file, a "
+                        "datasets directory or a hub data set)", exit_code=2)
+
+
+def load_set(cfg: Config, tokenizer, in_memory, name: str, runtime: Runtime) -> list[TokenizedPair] | None:
+    """The tokenized pairs of `data` or `eval_data` (None when no eval data is given), with the summary line."""
+    source = in_memory if in_memory is not None else getattr(cfg, name)
+    if source is None or (isinstance(source, str) and not source):
+        return None
+    split = cfg.data_split if name == "data" else cfg.eval_data_split
+    pairs, stats = load_pairs(source, split, tokenizer, fields=Fields(cfg.prompt_field, cfg.chosen_field,
+                                                                      cfg.rejected_field),
+                              max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                              on_bad_record=cfg.on_bad_record, name=name)
+    runtime.log(stats.summary("train data" if name == "data" else "eval data"))
+    return pairs
+
+
+def make_optimizer(cfg: Config, policy, device) -> torch.optim.Optimizer:
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    fused = device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in trainable)
+    return torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def lr_lambda(cfg: Config, total_steps: int):
+    """Linear warm-up over `warmup_steps`, then constant, linear or cosine decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def synced_reference(run: Run):
+    """The reference weights TR-DPO moves (saved in checkpoints), or None."""
+    return run.reference.model if run.cfg.ref_sync_steps else None
+
+
+def resume(run: Run) -> TrainerState:
+    """Restore the weights, optimizer, scheduler and RNG from the latest checkpoint; return its trainer state."""
+    path, rt = run.resume_from, run.runtime
+    if rt.main:
+        clean_partial_checkpoints(run.cfg.output_dir)
+    rt.processes.barrier()
+    try:
+        saved = load_checkpoint(path, run.policy, run.optimizer, run.scheduler, synced_reference(run),
+                                scaler=rt.accelerator.scaler)
+    except (AssertionError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"--resume: {path} does not match this run's model or optimizer settings "
+                        f"({str(e).splitlines()[0][:160]})", exit_code=2) from None
+    state = TrainerState.from_json(saved)
+    if (state.steps_per_epoch, state.total_steps) != (run.state.steps_per_epoch, run.state.total_steps):
+        raise UserError(f"--resume: {path} was written by a run with {state.total_steps} steps of "
+                        f"{state.steps_per_epoch} per epoch; this one has {run.state.total_steps} of "
+                        f"{run.state.steps_per_epoch}: resume with the same data, batch_size, epochs and max_steps",
+                        exit_code=2)
+    rt.log(f"fastdpo: resumed from {path} at step {state.step}")
+    return state
+
+
+# --- helpers of the loop --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShareOfStep:
+    """What one micro-batch of this process adds to its step."""
+
+    metrics: dict[str, torch.Tensor]  # per-pair metric values, (b,) each
+    tokens: int
+    padding_share: float
+
+
+@dataclass
+class ProcessStep:
+    """One process's part of a step, as the processes exchange it."""
+
+    metrics: dict[str, torch.Tensor] | None  # per-pair values on the CPU; None: this process scored no pair
+    tokens: int
+    padding: list[float]  # padding share of each of its micro-batches
+    stop_requested: bool  # a signal reached this process
+
+
+@dataclass
+class StepStats:
+    """A step over all processes: the means over its global batch and what it took."""
+
+    metrics: dict[str, float]
+    tokens: int
+    stop_requested: bool  # a signal reached some process: all stop after this step
+
+
+def gather_step(processes: Processes, shares: list[ShareOfStep], stop_requested: bool) -> StepStats:
+    """The step's numbers from every process, in one gather (a process's share of a short last batch can be
+    empty)."""
+    metrics = {key: torch.cat([s.metrics[key] for s in shares]).cpu() for key in shares[0].metrics} if shares else None
+    everyone = processes.gather(ProcessStep(metrics, sum(s.tokens for s in shares),
+                                            [s.padding_share for s in shares], stop_requested))
+    means = mean_metrics([p.metrics for p in everyone if p.metrics is not None])
+    padding = [value for p in everyone for value in p.padding]
+    means["padding_share"] = sum(padding) / len(padding)
+    return StepStats(means, sum(p.tokens for p in everyone), any(p.stop_requested for p in everyone))
+
+
+def optimizer_step(run: Run, finite: bool) -> None:
+    """Step (or skip, for a non-finite loss or gradients) and count; stop after too many bad steps in a row."""
+    state, rt = run.state, run.runtime
+    if finite or rt.accelerator.scaler is not None:  # fp16's grad scaler must see every step to lower its scale
+        run.optimizer.step()
+        finite = finite and not rt.accelerator.optimizer_step_was_skipped
+    if finite:
+        run.scheduler.step()
+        state.bad_in_row = 0
+    else:  # skip the update; the data position still advances, so a resumed run skips it too
+        state.skipped_steps, state.bad_in_row = state.skipped_steps + 1, state.bad_in_row + 1
+        rt.log(f"fastdpo: step {state.step + 1}: non-finite loss or gradients, update skipped ({state.bad_in_row} "
+               "in a row)")
+    run.optimizer.zero_grad(set_to_none=True)
+    if state.bad_in_row >= run.cfg.max_bad_steps:
+        last_good = latest_checkpoint(run.cfg.output_dir)
+        raise UserError(f"training stopped at step {state.step + 1}: {state.bad_in_row} steps in a row had a "
+                        "non-finite loss or gradients (lower --learning_rate, check the data); last good checkpoint: "
+                        f"{last_good or 'none (use --save_steps)'}")
+
+
+def evaluate_now(run: Run, step: int, metrics_file) -> dict | None:
+    """The held-out metrics (pooled over the processes), written as an `eval/` metrics line; None without eval data."""
+    if not run.eval_pairs:
+        return None
+    cfg, rt = run.cfg, run.runtime
+    run.module.eval()
+    result = evaluate_pairs(run.module, run.eval_reference, run.eval_pairs, cfg, run.layout, run.pad_token_id,
+                            cfg.eval_batch_size or run.micro_batch_size, rt,
+                            Processes() if rt.sharded else rt.processes)
+    run.module.train()
+    metrics_file.write({"step": step, **{f"eval/{k}": v for k, v in result.metrics.items()}})
+    return result.metrics
+
+
+def open_outputs(run: Run):
+    """The output directory for a fresh run (or the resumed one), its config.yaml, and the metrics file."""
+    cfg, rt = run.cfg, run.runtime
+    if rt.main:
+        if not run.resume_from:
+            prepare_fresh_output_dir(cfg.output_dir, cfg.overwrite)
+        print(cfg.to_yaml().rstrip(), file=sys.stderr)  # printed once set-up succeeded: a failure prints one line
+        atomic_write_text(os.path.join(cfg.output_dir, "config.yaml"), cfg.to_yaml())
+        return MetricsFile(os.path.join(cfg.output_dir, "metrics.jsonl"),
+                           resume_step=run.state.step if run.resume_from else None)
+    return NoMetricsFile()
+
+
+def eval_line(when: str, metrics: dict) -> str:
+    return (f"{when}: reward accuracy {metrics['rewards/accuracies']:.3f}, margin {metrics['rewards/margins']:.4f}, "
+            f"loss {metrics['loss']:.4f}")
+
+
+def print_summary(cfg: Config, before: dict | None, after: dict | None) -> None:
+    lines = ["", "fastdpo: training finished"]
+    if before and after:
+        lines.append(f"  held-out reward accuracy: {before['rewards/accuracies']:.3f} -> "
+                     f"{after['rewards/accuracies']:.3f}   (share of pairs with chosen reward > rejected)")
+        lines.append(f"  held-out reward margin:   {before['rewards/margins']:.4f} -> "
+                     f"{after['rewards/margins']:.4f}")
+        lines.append(f"  held-out loss:            {before['loss']:.4f} -> {after['loss']:.4f}")
+    elif after:
+        lines.append(f"  held-out reward accuracy {after['rewards/accuracies']:.3f}, "
+                     f"margin {after['rewards/margins']:.4f}")
+    lines.append(f"  model saved to: {os.path.abspath(cfg.output_dir)}  "
+                 "(AutoModelForCausalLM.from_pretrained loads it)")
+    print("\n".join(lines))
+
+
+class StopOnSignal:
+    """SIGTERM or a first Ctrl-C asks the loop to stop after the current step (it then checkpoints and returns);
+    a second Ctrl-C aborts at once. Handlers are installed only in the main thread and restored afterwards."""
+
+    def __init__(self):
+        self.requested, self._previous = None, {}
+
+    def install(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.requested = signal.Signals(signum).name
+        print(f"\nfastdpo: {self.requested}: finishing this step, then writing a checkpoint "
+              "(Ctrl-C again to abort now)", file=sys.stderr)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
