@@ -148,3 +148,15 @@ def test_importing_fastdpo_loads_no_torch_and_the_api_comes_on_first_use():
     code = "import sys, fastdpo; before = 'torch' in sys.modules; print(before, fastdpo.train.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "fastdpo.api"]
+
+
+def test_path_objects_are_paths_and_other_objects_are_refused_by_name(base, tmp_path):
+    from pathlib import Path
+
+    root, model_dir, data, heldout = base
+    result = fastdpo.evaluate(model=Path(model_dir), ref_model=Path(model_dir), data=Path(heldout))
+    assert result.metrics["pairs"] == 6
+    with pytest.raises(UserError, match="model: expected a path, a hub id or a loaded model, got int"):
+        fastdpo.train(model=123, data=data, output_dir=str(tmp_path / "out"))
+    with pytest.raises(UserError, match="ref_model: expected a path, a hub id or a loaded model, got dict"):
+        fastdpo.evaluate(model=model_dir, ref_model={}, data=heldout)

@@ -25,9 +25,18 @@ def test_data_without_a_model_is_refused_naming_the_model(base, tmp_path, capsys
     root, model, data = base
     run_cli(["train", "--data", data, "--output_dir", str(tmp_path / "out")], capsys, expect_code=2)
     err = run_cli.last_stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("fastdpo: error: --model: which model should train on this data?")
-    assert "builtin:tiny" in err[0] and "quickstart" not in run_cli.last_stderr.split("error:")[0]
+    assert len(err) == 1 and err[0].startswith("fastdpo: error: --model: which model should train?")
+    assert "builtin:tiny" in err[0] and "running the built-in quickstart" not in run_cli.last_stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags", [["--eval_data", "EVAL"], ["--ref_model", "REF"], ["--adapter", "REF"]])
+def test_any_model_or_data_of_the_users_means_no_quickstart(base, tmp_path, capsys, flags):
+    root, model, data = base
+    flags = [{"EVAL": data, "REF": model}.get(f, f) for f in flags]
+    run_cli(["train", *flags, "--output_dir", str(tmp_path / "out")], capsys, expect_code=2)
+    assert "running the built-in quickstart" not in run_cli.last_stderr
+    assert "fastdpo: error: --model: which model should train?" in run_cli.last_stderr
 
 
 def test_a_model_without_data_is_refused_naming_the_data(base, tmp_path, capsys):

@@ -190,10 +190,23 @@ def test_a_bug_in_a_fast_path_surfaces_instead_of_becoming_a_fallback(error):
         checked(model, PAIRS, notice=pytest.fail)
 
 
+def test_a_model_without_a_plain_head_structure_gets_its_full_logits(monkeypatch):
+    """No output embedding module to run the chunked head with: a notice and the model's own logits."""
+    model = tiny_llama(40)
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: None)
+    notices = []
+    layout = checked(model, PAIRS, notice=notices.append)
+    assert kind(layout) == (True, True, "full") and "no output embedding module" in notices[0]
+    plain, _ = sequence_logps(model, collate_concatenated(PAIRS, 2), "full")
+    fast, _ = sequence_logps(model, layout.collate(PAIRS, 2), layout.head)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+
 def test_a_bug_in_the_chunked_head_surfaces(monkeypatch):
     model = tiny_llama(40)
-    monkeypatch.setattr(model, "get_output_embeddings", lambda: None)  # the head code then calls None
-    with pytest.raises(TypeError, match="not callable"):
+    wrong = torch.nn.Linear(7, 40, bias=False)  # an lm_head whose input size is not the model's hidden size
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: wrong)
+    with pytest.raises(RuntimeError):
         checked(model, PAIRS, notice=pytest.fail)
 
 

@@ -49,16 +49,16 @@ def trained(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     batch = probe_batch(base)
     seen = {}
-    run = setup(build_config(flags(base, out, "--lora_r", "4", "--lora_alpha", "8", "--merge_lora")))
+    run = setup(build_config(flags(base, out, "--lora_r", "4", "--lora_alpha", "8")))
     seen["reference"] = run.reference.logps(batch, range(batch.num_pairs))
     seen["base_before"] = {k: v.clone() for k, v in run.policy.get_base_model().state_dict().items()
                            if "lora_" not in k}
+    seen["checkpointing"] = run.policy.get_base_model().is_gradient_checkpointing  # what the loop trains with
     fit(run)
     with torch.no_grad():
         seen["policy"] = sequence_logps(run.policy.get_base_model(), batch)[0]
     seen["base_after"] = {k: v.clone() for k, v in run.policy.get_base_model().state_dict().items()
                           if "lora_" not in k}
-    seen["checkpointing"] = run.policy.get_base_model().is_gradient_checkpointing
     with torch.no_grad():
         seen["base_model"] = sequence_logps(AutoModelForCausalLM.from_pretrained(base[1]), batch)[0]
     return out, batch, seen
@@ -73,20 +73,41 @@ def test_reference_is_the_base_model_and_only_adapters_train(trained):
     assert seen["checkpointing"]  # --gradient_checkpointing auto: on with LoRA
 
 
-def test_saved_adapter_and_merged_model_reproduce_the_policy(base, trained):
+def test_saved_adapter_and_merged_model_reproduce_the_policy(base, trained, tmp_path):
+    """The saved adapter on its base, and a --merge_lora run of the same settings (merged in memory and saved), all
+    give the trained policy's log-probs."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out, batch, seen = trained
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     assert not (out / "model.safetensors").exists()  # no full copy of the weights
+    merged_run = train(build_config(flags(base, tmp_path / "m", "--lora_r", "4", "--lora_alpha", "8",
+                                          "--merge_lora")))
     with torch.no_grad():
         adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base[1]), out).eval()
         via_peft = sequence_logps(adapted.get_base_model(), batch)[0]
-        merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m" / "merged")
         via_merged = sequence_logps(merged, batch)[0]
+        in_memory = sequence_logps(merged_run.model, batch)[0]
+    assert not hasattr(merged_run.model, "peft_config")  # the merged model itself is handed back
     torch.testing.assert_close(via_peft, seen["policy"], atol=1e-4, rtol=0)
     torch.testing.assert_close(via_merged, seen["policy"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(in_memory, via_merged, atol=1e-5, rtol=0)
+
+
+def test_the_python_api_evaluates_a_lora_policy_held_in_memory(base, trained):
+    """fastdpo.evaluate on the peft model fastdpo.train returned: its adapters on, against the base."""
+    import fastdpo
+
+    out, batch, seen = trained
+    result = fastdpo.train(model=base[1], data=base[2], output_dir=str(out.parent / "api"), lora_r=4, lora_alpha=8,
+                           learning_rate=5e-3, max_steps=3, batch_size=8, progress=False, ref_cache_dir="off")
+    scores = fastdpo.evaluate(model=result.model, ref_model=base[1], data=base[2], batch_size=4)
+    first = scores.rows[:4]
+    got = torch.tensor([r["policy_chosen_logps"] for r in first] + [r["policy_rejected_logps"] for r in first])
+    torch.testing.assert_close(got, seen["policy"], atol=1e-3, rtol=0)
+    assert not result.model.training
 
 
 def test_eval_accepts_an_adapter_directory(base, trained, capsys, tmp_path):

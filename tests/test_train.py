@@ -194,3 +194,13 @@ def test_resume_with_a_different_schedule_is_refused(base, tmp_path, capsys):
     # the same schedule resumes, and keeps the held-out metrics from before training
     result = run(base, tmp_path / "o", "--max_steps", "4", "--save_steps", "2", "--resume", "--eval_data", base[2])
     assert result.eval_before is not None and result.eval_before["rewards/accuracies"] == 0.0
+
+
+def test_trainer_state_names_the_epoch_and_batch_of_its_last_step():
+    from fastdpo.checkpoint import TrainerState
+
+    state = TrainerState(steps_per_epoch=3, total_steps=9, step=3)
+    assert (state.to_json()["epoch"], state.to_json()["batch_in_epoch"]) == (0, 3)  # the last batch of epoch 0
+    state.step = 4
+    assert (state.to_json()["epoch"], state.to_json()["batch_in_epoch"]) == (1, 1)
+    assert TrainerState.from_json(state.to_json()) == state

@@ -14,13 +14,17 @@ command-line flags (docs/options.md). Validation, messages and outputs are the C
 
 from __future__ import annotations
 
+import os
+
 from fastdpo.config import Config, eval_keys, from_keywords, make_config, options
+from fastdpo.errors import UserError
 from fastdpo.models import Inputs, in_memory_name
 
 
 def train(model, data, eval_data=None, *, tokenizer=None, ref_model=None, **options_):
     """Fine-tune `model` on the preference pairs `data` with DPO. Returns a `TrainResult`: `.model` (the trained
-    policy, in memory), `.eval_before` / `.eval_after` (held-out metrics), `.last_metrics`, `.output_dir`."""
+    policy, in memory, in eval mode; with `merge_lora=True` the merged model), `.eval_before` / `.eval_after`
+    (held-out metrics), `.last_metrics`, `.output_dir`."""
     from fastdpo.training import train as run
 
     cfg, inputs = _config("fastdpo.train", options(Config), dict(model=model, data=data, eval_data=eval_data,
@@ -42,13 +46,21 @@ def evaluate(model, data, ref_model=None, *, tokenizer=None, **options_):
 def _config(caller: str, known: dict, sources: dict, tokenizer, keywords: dict) -> tuple[Config, Inputs]:
     """The resolved config and the objects passed in memory. An object stands in for its option: the config
     records what it was (a model's directory, or a description), and the run uses the object itself."""
+    import torch
+
     values = from_keywords(keywords, known, caller)
     inputs = Inputs(tokenizer=tokenizer)
     for key, value in sources.items():
+        value = os.fspath(value) if isinstance(value, os.PathLike) else value
         if value is None or isinstance(value, str):
             values[key] = value
+        elif key in ("model", "ref_model"):
+            if not isinstance(value, torch.nn.Module):
+                raise UserError(f"{key}: expected a path, a hub id or a loaded model, got {type(value).__name__}",
+                                exit_code=2)
+            setattr(inputs, key, value)
+            values[key] = in_memory_name(value)
         else:
             setattr(inputs, key, value)
-            values[key] = in_memory_name(value) if key in ("model", "ref_model") else \
-                f"<{type(value).__name__} passed in memory>"
+            values[key] = f"<{type(value).__name__} passed in memory>"
     return make_config(values, dict.fromkeys(values, "")), inputs

@@ -27,8 +27,9 @@ class TrainerState:
     eval_before: dict | None = None  # the held-out metrics before training
 
     def to_json(self) -> dict:
-        epoch, batch = divmod(self.step, self.steps_per_epoch)
-        return {"step": self.step, "epoch": epoch, "batch_in_epoch": batch, **asdict(self)}
+        """With the epoch of the last step done and its batch's number in that epoch, counted from 1."""
+        epoch, index = divmod(self.step - 1, self.steps_per_epoch)
+        return {"step": self.step, "epoch": epoch, "batch_in_epoch": index + 1, **asdict(self)}
 
     @classmethod
     def from_json(cls, data: dict) -> "TrainerState":
@@ -191,23 +192,21 @@ def prepare_fresh_output_dir(output_dir: str, overwrite: bool) -> None:
 
 
 def save_final(output_dir: str, model, tokenizer, results: dict, lora: bool = False, merge_lora: bool = False,
-               state_dict=None) -> None:
-    """The final model and tokenizer (Hugging Face format, safetensors) plus the run's results. `lora`: the model is
-    a peft model, saved as its adapter. `state_dict`: the weights gathered from their shards, when the model holds
-    only its own shard."""
+               state_dict=None):
+    """The final model and tokenizer (Hugging Face format, safetensors) plus the run's results; returns the model
+    as it now is. `lora`: the model is a peft model, saved as its adapter; with `merge_lora` the adapter is then
+    merged into the base in place (no second copy of the weights) and the merged model is saved and returned.
+    `state_dict`: the weights gathered from their shards, when the model holds only its own shard."""
     tmp = tempfile.mkdtemp(dir=output_dir, prefix=".tmp-final-")
     if lora:
         model.save_pretrained(tmp, selected_adapters=["default"])  # the adapter in peft's format
-        if merge_lora:  # merged in a copy: the trained model stays as it is (the Python API returns it)
-            import copy
-
-            merged_model = copy.deepcopy(model)
-            if "ref" in merged_model.peft_config:
-                merged_model.delete_adapter("ref")
+        if merge_lora:
+            if "ref" in model.peft_config:
+                model.delete_adapter("ref")
             merged = os.path.join(tmp, "merged")
-            merged_model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
+            model = model.merge_and_unload()
+            model.save_pretrained(merged, safe_serialization=True)
             tokenizer.save_pretrained(merged)
-            del merged_model
     else:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
@@ -215,6 +214,7 @@ def save_final(output_dir: str, model, tokenizer, results: dict, lora: bool = Fa
         os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
     os.rmdir(tmp)
     atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=1) + "\n")
+    return model
 
 
 def rng_state() -> dict:

@@ -19,7 +19,8 @@ commands:
 
 `fastdpo <command> --help` lists the command's options."""
 
-QUICKSTART_FLAGS = ("--config", "--model", "--data")  # any of these: the user's own run, no quickstart settings
+# a model or data of the user's, given by any of these options, means no quickstart settings at all
+USER_INPUTS = ("model", "ref_model", "adapter", "data", "eval_data")
 
 
 @dataclass
@@ -61,12 +62,18 @@ def _dispatch(argv: list[str]) -> int:
     raise UserError(f"unknown command {command!r}; commands: train, eval", exit_code=2)
 
 
-def _gave(argv: list[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
+def is_quickstart(argv: list[str]) -> bool:
+    """`fastdpo train` naming no config file and no model or data of the user's (an empty --eval_data "" only
+    turns the quickstart's evaluation off)."""
+    from fastdpo.config import options, parse_flags, split_config_flag
+
+    config_file, rest = split_config_flag(argv)
+    flags = parse_flags(rest, options())
+    return config_file is None and not any(flags.get(key) for key in USER_INPUTS)
 
 
 def train_command(argv: list[str]) -> int:
-    from fastdpo.config import options, option_help, parse_command
+    from fastdpo.config import option_help, options, parse_command
     from fastdpo.data import asset_path
 
     if "-h" in argv or "--help" in argv:
@@ -74,19 +81,20 @@ def train_command(argv: list[str]) -> int:
               "       fastdpo train   (no --model, --data or --config: the built-in quickstart)\n\noptions:\n"
               "  --config                 YAML file of the options below\n" + option_help(options()))
         return 0
-    quickstart = not any(_gave(argv, flag) for flag in QUICKSTART_FLAGS)
+    quickstart = is_quickstart(argv)
     base = asset_path("quickstart.yaml") if quickstart else None
     cfg, _ = parse_command(argv, base_file=base)
     if quickstart:
-        print(f"fastdpo: no --model, --data or --config given: running the built-in quickstart (settings: {base})",
+        print(f"fastdpo: no model, data or --config given: running the built-in quickstart (settings: {base})",
               file=sys.stderr)
-    elif cfg.model is None and cfg.data is not None:
-        raise UserError("--model: which model should train on this data? Pass a model directory or hub id (or "
-                        "--model builtin:tiny, the tiny random model the quickstart trains)", exit_code=2)
+    elif cfg.model is None:
+        raise UserError("--model: which model should train? Pass a model directory or hub id (or --model "
+                        "builtin:tiny, the tiny random model the quickstart trains)", exit_code=2)
+    from fastdpo.runtime import Processes
     from fastdpo.training import train
 
-    train(cfg)
-    if quickstart:
+    result = train(cfg)
+    if quickstart and not result.stopped and Processes.current().main:
         print("  next: fastdpo train --model YOUR_MODEL_DIR --data YOUR_PAIRS.jsonl --output_dir OUT")
     return 0
 

@@ -10,13 +10,13 @@ from fastdpo.batching import Layout
 from fastdpo.config import Config
 from fastdpo.data import Fields
 from fastdpo.errors import UserError
-from fastdpo.logps import LogpsModule
+from fastdpo.logps import LogpsModule, choose_layout
 from fastdpo.losses import REFERENCE_FREE
 from fastdpo.metrics import pooled_means
-from fastdpo.models import Inputs, load_model, load_reference_model, policy_tokenizer
+from fastdpo.models import Inputs, is_lora, load_model, policy_tokenizer, reference_weights
 from fastdpo.reference import Reference, build_reference
 from fastdpo.runtime import Processes, Runtime, start
-from fastdpo.step import choose_layout, score_batch
+from fastdpo.step import score_batch
 from fastdpo.tokenize import TokenizedPair, load_pairs
 
 @dataclass
@@ -84,10 +84,11 @@ def run_eval(cfg: Config, inputs: Inputs | None = None) -> EvalResult:
     runtime.log(stats.summary())
     policy = inputs.model if inputs.model is not None else load_model(cfg.model, cfg.seed, cfg.trust_remote_code)
     policy = policy.eval().to(runtime.device)
-    reference_model = load_reference_model(cfg, policy, inputs)
-    reference_model = reference_model.to(runtime.device) if reference_model is not None else None
+    body = policy.get_base_model() if is_lora(policy) else policy  # a peft model scores with its adapters on
+    weights = reference_weights(cfg, policy, inputs, runtime.device)
     pad = tokenizer.pad_token_id
-    layout = choose_layout(cfg, [policy, reference_model], pairs, pad, runtime)
-    module = LogpsModule(policy, layout)
-    reference = build_reference(cfg, policy, module, reference_model, layout, pad, {"eval": pairs}, runtime)["eval"]
+    layout = choose_layout(cfg, [body, weights.model] if weights.kind == "model" else [body], pairs, pad,
+                           runtime.device, runtime.log, runtime.zero3)
+    module = LogpsModule(body, layout)
+    reference = build_reference(cfg, policy, module, weights, layout, pad, {"eval": pairs}, runtime)["eval"]
     return evaluate_pairs(module, reference, pairs, cfg, layout, pad, cfg.batch_size, runtime)

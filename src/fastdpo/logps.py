@@ -19,8 +19,13 @@ from typing import Sequence
 import torch
 
 from fastdpo.batching import Batch, Layout, collate_concatenated, model_position_ids
+from fastdpo.config import Config
 from fastdpo.head import gather_logps, head_logps
 from fastdpo.tokenize import TokenizedPair
+
+
+class NoChunkedHead(Exception):
+    """The model is not built as a transformer body then a plain lm_head, so the chunked head cannot run on it."""
 
 
 def sequence_logps(model, batch: Batch, head: str = "chunked", chunk_size: int = 1024
@@ -37,14 +42,20 @@ def forward_scored(model, batch: Batch, head: str) -> torch.Tensor:
                   position_ids=model_position_ids(batch), use_cache=False)
     if head == "full":
         return model(**inputs).logits[batch.score_rows, batch.score_cols]  # (R, L, V) -> (M, V)
-    return backbone(model)(**inputs).last_hidden_state[batch.score_rows, batch.score_cols]  # (M, H)
+    hidden = getattr(backbone(model)(**inputs), "last_hidden_state", None)
+    if hidden is None:
+        raise NoChunkedHead("its body returns no last_hidden_state")
+    return hidden[batch.score_rows, batch.score_cols]  # (M, H)
 
 
 def token_logps(model, scored: torch.Tensor, batch: Batch, head: str, chunk_size: int) -> torch.Tensor:
     """`forward_scored`'s output -> the log-prob of each scored token. Shape: (M,)."""
     if head == "full":
         return gather_logps(scored, batch.score_labels)
-    return head_logps(model.get_output_embeddings(), scored, batch.score_labels, chunk_size)
+    lm_head = model.get_output_embeddings()
+    if not isinstance(lm_head, torch.nn.Module):
+        raise NoChunkedHead("it has no output embedding module")
+    return head_logps(lm_head, scored, batch.score_labels, chunk_size)
 
 
 def sum_per_sequence(token_logps: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +82,10 @@ def backbone(model):
     `base_model_prefix`, else `model.model` (Llama 4's text-only LM keeps its body there while its prefix names the
     multimodal model's attribute)."""
     body = getattr(model, model.base_model_prefix, None)
-    return body if isinstance(body, torch.nn.Module) else model.model
+    body = body if isinstance(body, torch.nn.Module) else getattr(model, "model", None)
+    if not isinstance(body, torch.nn.Module):
+        raise NoChunkedHead("no transformer body was found under its base_model_prefix or .model")
+    return body
 
 
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +114,26 @@ class LogpsModule(torch.nn.Module):
 # --- the start-up check: the fastest layout that is exact for the model --------------------------------------------
 
 # What a model that cannot take a 4-D attention mask raises from its forward (a shape or a validation error);
-# anything else is a bug and surfaces.
+# anything else is a bug and surfaces, and so does running out of memory.
 MASK_REFUSALS = (RuntimeError, ValueError)
+
+
+def requested_layout(cfg: Config, zero3: bool = False) -> Layout:
+    """The layout the config asks for. Under DeepSpeed ZeRO-3 the lm_head's weight is gathered only inside its own
+    forward, so the model's full logits are used there."""
+    chunked = cfg.logits_chunk_size > 0 and not zero3
+    return Layout(share_prompt=cfg.prefix_sharing, pack=cfg.packing, head="chunked" if chunked else "full",
+                  chunk_size=cfg.logits_chunk_size or 1, row_length=cfg.pack_length)
+
+
+def choose_layout(cfg: Config, models: Sequence, pairs: Sequence[TokenizedPair], pad_token_id: int, device,
+                  notice=print, zero3: bool = False) -> Layout:
+    """The one layout of a run: the requested one, narrowed by the start-up check until it is exact for every
+    model in `models` (those that score its batches)."""
+    layout, sample = requested_layout(cfg, zero3), check_sample(pairs)
+    for model in dict.fromkeys(models):  # each distinct model once
+        layout = check_layout(model, layout, sample, pad_token_id, device, notice)
+    return layout
 
 
 def check_sample(pairs: Sequence[TokenizedPair]) -> list[TokenizedPair]:
@@ -132,10 +164,9 @@ def check_layout(model, requested: Layout, sample: Sequence[TokenizedPair], pad_
     plain, _ = sequence_logps(model, plain_batch, "full")
     layout = requested
     if layout.head == "chunked":
-        chunked, _ = sequence_logps(model, plain_batch, "chunked", layout.chunk_size)
-        if not _close(chunked, plain):
-            notice(f"fastdpo: this model's logits are not a plain lm_head (the chunked head is "
-                   f"{_gap(chunked, plain)} apart); scoring through its full logits")
+        reason = _head_problem(model, plain_batch, layout.chunk_size, plain)
+        if reason:
+            notice(f"fastdpo: {reason}; scoring through its full logits")
             layout = replace(layout, head="full")
     if not layout.concatenated:
         reason = _mask_problem(model, layout, pairs, pad_token_id, device, plain, (sequence, segment, row))
@@ -143,6 +174,17 @@ def check_layout(model, requested: Layout, sample: Sequence[TokenizedPair], pad_
             notice(f"fastdpo: {reason}; prefix sharing and packing are off, using the concatenated layout")
             layout = layout.without_mask()
     return layout
+
+
+def _head_problem(model, batch: Batch, chunk_size: int, plain: torch.Tensor) -> str | None:
+    """Why the chunked head does not give this model's own logits' log-probs, or None."""
+    try:
+        chunked, _ = sequence_logps(model, batch, "chunked", chunk_size)
+    except NoChunkedHead as e:
+        return f"the chunked lm_head cannot run on this model: {e}"
+    if not _close(chunked, plain):
+        return f"this model's logits are not a plain lm_head (the chunked head is {_gap(chunked, plain)} apart)"
+    return None
 
 
 def _mask_problem(model, layout: Layout, pairs, pad_token_id: int, device, plain: torch.Tensor,
@@ -157,6 +199,8 @@ def _mask_problem(model, layout: Layout, pairs, pad_token_id: int, device, plain
     batch = layout.collate(pairs, pad_token_id).to(device)
     try:
         scored = forward_scored(model, batch, layout.head)
+    except torch.cuda.OutOfMemoryError:
+        raise
     except MASK_REFUSALS as e:
         first = (str(e).strip().splitlines() or [""])[0][:160]
         return f"the model's forward refused a 4-D attention mask ({type(e).__name__}: {first})"

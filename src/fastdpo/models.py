@@ -7,7 +7,7 @@ import copy
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -96,24 +96,32 @@ def load_policy(cfg, inputs: Inputs):
     return model
 
 
-def load_reference_model(cfg, policy, inputs: Inputs):
-    """The frozen model the reference log-probs come from: --ref_model, a copy of the starting policy, or, for a
-    precomputed reference without --ref_model, the starting policy itself (nothing has trained it yet). None for
-    no reference, and for LoRA, whose reference is the policy's own weights with the adapters off."""
-    kind = cfg.reference
-    if kind == "none":
-        return None
+@dataclass(frozen=True)
+class ReferenceWeights:
+    """Where a run's reference log-probs come from; `reference.build_reference` makes the Reference of it."""
+
+    kind: Literal["none", "adapters", "policy", "model"]
+    # none: reference-free. adapters: the LoRA policy's own weights with its adapters off (no second model).
+    # policy: the starting policy itself, for log-probs precomputed before it trains (no copy).
+    # model: `model`, a frozen model (--ref_model, or a copy of the starting policy).
+    model: Any = None
+
+
+def reference_weights(cfg, policy, inputs: Inputs, device) -> ReferenceWeights:
+    """The reference the config asks for, loaded (or copied) onto `device` and frozen, with dropout off."""
+    if cfg.reference == "none":
+        return ReferenceWeights("none")
     if inputs.ref_model is not None or cfg.ref_model:
         model = inputs.ref_model if inputs.ref_model is not None else load_model(
             cfg.ref_model, cfg.seed, cfg.trust_remote_code, flag="ref_model")
     elif is_lora(policy):
-        return None
-    elif kind == "precomputed":
-        return policy
+        return ReferenceWeights("adapters")
+    elif cfg.reference == "precomputed":
+        return ReferenceWeights("policy", policy)
     else:
-        model = copy.deepcopy(policy)
+        model = copy.deepcopy(policy)  # before anything has trained the policy
     disable_dropout(model)
-    return model.eval().requires_grad_(False)
+    return ReferenceWeights("model", model.eval().requires_grad_(False).to(device))
 
 
 def disable_dropout(model) -> None:

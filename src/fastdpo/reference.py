@@ -27,7 +27,8 @@ import torch
 from fastdpo.batching import Batch, Layout
 from fastdpo.checkpoint import atomic_write_bytes
 from fastdpo.config import Config
-from fastdpo.logps import LogpsModule, split_pairs
+from fastdpo.logps import LogpsModule, choose_layout, split_pairs
+from fastdpo.models import ReferenceWeights
 from fastdpo.runtime import Runtime
 from fastdpo.tokenize import TokenizedPair
 
@@ -101,27 +102,41 @@ class PrecomputedReference(Reference):
         return torch.cat([picked[:, 0], picked[:, 1]]).to(batch.input_ids.device)  # (2B,)
 
 
-def build_reference(cfg: Config, policy, policy_module: LogpsModule, reference_model, layout: Layout,
+def build_reference(cfg: Config, policy, policy_module: LogpsModule, weights: ReferenceWeights, layout: Layout,
                     pad_token_id: int, sets: dict[str, list[TokenizedPair]], runtime: Runtime
                     ) -> dict[str, Reference]:
-    """The reference the config asks for, for each named set of pairs: one object for all of them, placed as the
-    strategy holds it, except precomputed values, which belong to their set. `reference_model`: from
-    `models.load_reference_model`. Call it before the policy is prepared (sharded): a precomputing policy scores
-    its shard of the pairs alone."""
-    if cfg.reference == "none":
+    """The reference the config asks for, for each named set of pairs: one object shared by every set, except
+    precomputed values, which belong to their set. `weights`: from `models.reference_weights`; `layout`: the run's.
+
+    Call it before the policy is prepared (sharded): a precomputing model scores its shard of the pairs alone. A
+    live reference model is placed as the strategy holds it afterwards, by `placed`."""
+    if weights.kind == "none":
         live = NoReference()
-    elif reference_model is None:  # LoRA: the policy's own weights, adapters off
+    elif weights.kind == "adapters":
         live = AdapterReference(policy_module, policy)
-    elif reference_model is policy:  # precomputed by the starting policy itself, before it trains
+    elif weights.kind == "policy":
         live = ModelReference(policy_module, policy)
+    elif cfg.reference == "precomputed":  # a separate model that never scores training batches: its own layout
+        pairs = [p for subset in sets.values() for p in subset]
+        own = choose_layout(cfg, [weights.model], pairs, pad_token_id, runtime.device, runtime.log, runtime.zero3)
+        live, layout = ModelReference(LogpsModule(weights.model, own), weights.model), own
     else:
-        live = ModelReference(LogpsModule(reference_model, layout), reference_model)
+        live = ModelReference(LogpsModule(weights.model, layout), weights.model)
     if cfg.reference != "precomputed":
-        return dict.fromkeys(sets, live.placed(runtime))
+        return dict.fromkeys(sets, live)
     batch_size = cfg.eval_batch_size or cfg.micro_batch_size or cfg.batch_size
-    weights = weights_digest(live.weights) if reference_cache_dir(cfg) else ""
-    return {name: precompute(live, pairs, name, layout, pad_token_id, batch_size, runtime, cfg, weights)
+    digest = weights_digest(live.weights) if reference_cache_dir(cfg) else ""
+    return {name: precompute(live, pairs, name, layout, pad_token_id, batch_size, runtime, cfg, digest)
             for name, pairs in sets.items()}
+
+
+def placed(references: dict[str, Reference], runtime: Runtime) -> dict[str, Reference]:
+    """The references as the strategy holds them, once the policy is prepared (a shared one is placed once)."""
+    done: dict[int, Reference] = {}
+    for reference in references.values():
+        if id(reference) not in done:
+            done[id(reference)] = reference.placed(runtime)
+    return {name: done[id(reference)] for name, reference in references.items()}
 
 
 # --- precomputed log-probs and their cache --------------------------------------------------------------------

@@ -1,5 +1,4 @@
-"""The step's forward: policy and reference log-probs of one batch -> per-pair losses and metrics; and the one
-layout every batch of a run is collated in.
+"""The step's forward: policy and reference log-probs of one batch -> per-pair losses and metrics.
 
 The training loop, the in-loop evaluation and `fastdpo eval` all score batches through `score_batch`, so the
 numbers a run logs are the numbers it trains on.
@@ -12,12 +11,11 @@ from typing import Sequence
 
 import torch
 
-from fastdpo.batching import Batch, Layout
+from fastdpo.batching import Batch
 from fastdpo.config import Config
-from fastdpo.logps import check_layout, check_sample, split_pairs
+from fastdpo.logps import split_pairs
 from fastdpo.losses import pair_metrics, preference_loss
 from fastdpo.reference import Reference
-from fastdpo.tokenize import TokenizedPair
 
 
 @dataclass
@@ -40,20 +38,3 @@ def score_batch(policy, reference: Reference, batch: Batch, positions: Sequence[
         cfg.loss, pc, pr, rc, rr, beta=cfg.beta, chosen_tokens=ct, rejected_tokens=rt, **cfg.loss_params())
     return ScoredBatch(losses, pair_metrics(losses, chosen_rewards, rejected_rewards, pc, pr, ct, rt), rc, rr)
 
-
-def requested_layout(cfg: Config, zero3: bool = False) -> Layout:
-    """The layout the config asks for. Under DeepSpeed ZeRO-3 the lm_head's weight is gathered only inside its own
-    forward, so the model's full logits are used there."""
-    chunked = cfg.logits_chunk_size > 0 and not zero3
-    return Layout(share_prompt=cfg.prefix_sharing, pack=cfg.packing, head="chunked" if chunked else "full",
-                  chunk_size=cfg.logits_chunk_size or 1, row_length=cfg.pack_length)
-
-
-def choose_layout(cfg: Config, models: Sequence, pairs: Sequence[TokenizedPair], pad_token_id: int, runtime
-                  ) -> Layout:
-    """The one layout of a run: the requested one, narrowed by the start-up check until it is exact for every
-    model that scores batches (the policy and a live reference model)."""
-    layout, sample = requested_layout(cfg, runtime.zero3), check_sample(pairs)
-    for model in dict.fromkeys(m for m in models if m is not None):  # each distinct model once
-        layout = check_layout(model, layout, sample, pad_token_id, runtime.device, notice=runtime.log)
-    return layout

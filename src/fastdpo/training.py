@@ -22,12 +22,12 @@ from fastdpo.config import Config
 from fastdpo.data import Fields
 from fastdpo.errors import UserError
 from fastdpo.evaluation import evaluate_pairs
-from fastdpo.logps import LogpsModule
+from fastdpo.logps import LogpsModule, choose_layout
 from fastdpo.metrics import LogWindow, MetricsFile, NoMetricsFile, ProgressBar, StepRecord, mean_metrics
-from fastdpo.models import Inputs, is_lora, load_policy, load_reference_model, policy_tokenizer
-from fastdpo.reference import Reference, build_reference, sync_reference
+from fastdpo.models import Inputs, is_lora, load_policy, policy_tokenizer, reference_weights
+from fastdpo.reference import Reference, build_reference, placed, sync_reference
 from fastdpo.runtime import Processes, Runtime, start
-from fastdpo.step import choose_layout, score_batch
+from fastdpo.step import score_batch
 from fastdpo.tokenize import TokenizedPair, load_pairs
 
 
@@ -139,13 +139,14 @@ def fit(run: Run) -> TrainResult:
     bar.close()
     eval_after = evaluate_now(run, state.total_steps, metrics_file)
     state_dict = rt.full_state_dict(run.module)  # every process takes part in gathering sharded weights
+    trained = finished_model(run)
     if rt.main:
         results = {"steps": state.total_steps, "eval_before": state.eval_before, "eval_after": eval_after}
-        save_final(cfg.output_dir, run.policy, run.tokenizer, results, is_lora(run.policy), cfg.merge_lora,
-                   state_dict)
+        trained = save_final(cfg.output_dir, trained, run.tokenizer, results, is_lora(trained), cfg.merge_lora,
+                             state_dict)
         print_summary(cfg, state.eval_before, eval_after)
     rt.accelerator.wait_for_everyone()
-    return TrainResult(cfg.output_dir, state.total_steps, state.eval_before, eval_after, last, model=run.policy)
+    return TrainResult(cfg.output_dir, state.total_steps, state.eval_before, eval_after, last, model=trained)
 
 
 # --- set-up ---------------------------------------------------------------------------------------------------
@@ -166,15 +167,15 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     pairs = load_set(cfg, tokenizer, inputs.data, "data", runtime)
     eval_pairs = load_set(cfg, tokenizer, inputs.eval_data, "eval_data", runtime)
     policy = load_policy(cfg, inputs).to(runtime.device)
-    reference_model = load_reference_model(cfg, policy, inputs)
-    reference_model = reference_model.to(runtime.device) if reference_model is not None else None
+    weights = reference_weights(cfg, policy, inputs, runtime.device)
     body = policy.get_base_model() if is_lora(policy) else policy  # the Hugging Face model, LoRA layers injected
-    layout = choose_layout(cfg, [body, reference_model], pairs + (eval_pairs or []), tokenizer.pad_token_id,
-                           runtime)
+    live = [weights.model] if weights.kind == "model" and cfg.reference != "precomputed" else []
+    layout = choose_layout(cfg, [body, *live], pairs + (eval_pairs or []), tokenizer.pad_token_id, runtime.device,
+                           runtime.log, runtime.zero3)
     module = LogpsModule(body, layout)
     sets = {"train": pairs, **({"eval": eval_pairs} if eval_pairs else {})}
-    references = build_reference(cfg, policy, module, reference_model, layout, tokenizer.pad_token_id, sets,
-                                 runtime)
+    references = build_reference(cfg, policy, module, weights, layout, tokenizer.pad_token_id, sets, runtime)
+    del weights, live  # a model that only precomputed is freed here, before the optimizer exists
     if cfg.gradient_checkpointing == "true":
         body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     world = runtime.processes.world
@@ -185,6 +186,7 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     optimizer = make_optimizer(cfg, policy, runtime.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, state.total_steps))
     runner, optimizer = runtime.prepare(module, optimizer)  # `policy` stays the model to save
+    references = placed(references, runtime)  # a reference model is sharded like the policy, once it is prepared
     run = Run(cfg, runtime, tokenizer, pairs, eval_pairs, policy, runner, layout, references["train"],
               references.get("eval"), optimizer, scheduler, state, resume_from,
               cfg.micro_batch_size or cfg.batch_size // world)
@@ -237,6 +239,14 @@ def lr_lambda(cfg: Config, total_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def finished_model(run: Run):
+    """The trained policy as a caller uses it: in eval mode, without gradient checkpointing."""
+    body = run.policy.get_base_model() if is_lora(run.policy) else run.policy
+    if getattr(body, "is_gradient_checkpointing", False):
+        body.gradient_checkpointing_disable()
+    return run.policy.eval()
 
 
 def synced_reference(run: Run):
