@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# fastdpo's default caches (tokenized data, reference log-probs) live under $XDG_CACHE_HOME: the tests' go to a
+# directory of their own, not the user's home, and start empty
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="fastdpo-test-cache-")
 
 WORDS = ["The", "sky", "is", "blue", "black", "green", "grass", "sun", "hot", "cold", "yes", "no", "a", "b", "c",
          "d", "e", "f", "g", "h", "hello", "world", "What", "colour", "?", ".", "It"]
@@ -49,7 +53,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32
 
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                         max_position_embeddings=2048, bos_token_id=0, eos_token_id=1, pad_token_id=2,
                          tie_word_embeddings=False)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()

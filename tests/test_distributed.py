@@ -105,6 +105,14 @@ def test_resume_under_two_processes_equals_the_uninterrupted_run(base, single, t
     assert_same_weights(single, out, atol=1e-5)
 
 
+def test_the_main_process_tokenizes_and_caches_the_data_and_the_others_read_it(base, tmp_path):
+    cache = tmp_path / "cache"
+    first = launch(base, tmp_path / "a", 2, "--data_cache_dir", str(cache), "--max_steps", "1")
+    assert len(os.listdir(cache)) == 1 and "records tokenized, cached at" in first.stderr
+    again = launch(base, tmp_path / "b", 2, "--data_cache_dir", str(cache), "--max_steps", "1")
+    assert "train data: loaded from the cache" in again.stderr and len(os.listdir(cache)) == 1
+
+
 def test_the_shipped_ddp_config_runs_on_cpu_and_equals_one_process(base, single, tmp_path):
     """configs/accelerate/ddp.yaml is written for GPUs; without one the processes run on CPU (gloo)."""
     launch(base, tmp_path / "acc", 2, "--eval_data", base[2], config="ddp.yaml")

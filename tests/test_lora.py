@@ -32,7 +32,7 @@ def flags(base, out, *extra):
 
 def probe_batch(base):
     from fastdpo.models import load_tokenizer
-    from fastdpo.tokenize import load_pairs
+    from fastdpo.prepare import load_pairs
     from fastdpo.data import Fields
 
     root, model, data = base

@@ -48,8 +48,8 @@ CASES = {
     "chosen equals rejected everywhere": (b'{"prompt": "a", "chosen": " b", "rejected": " b"}\n' * 3, [], 1,
                                           "no usable preference pair left"),
     "prompt longer than max_length": (json.dumps(GOOD).encode() + b"\n", ["--max_length", "4",
-                                                                         "--max_prompt_length", "8"], 1,
-                                      "1 (prompt leaves no room)"),
+                                                                         "--max_prompt_length", "8"], 2,
+                                      "--max_prompt_length: 8 is not below --max_length 4"),
     "beta <= 0": (json.dumps(GOOD).encode(), ["--beta", "-1"], 2, "--beta: must be > 0"),
     "label smoothing out of range": (json.dumps(GOOD).encode(), ["--label_smoothing", "0.7"], 2,
                                      "--label_smoothing: must be in [0, 0.5)"),
@@ -62,15 +62,21 @@ CASES = {
 def test_bad_input_is_one_line_and_leaves_the_output_dir_alone(name, model_dir, tmp_path, capsys):
     contents, extra, code, text = CASES[name]
     data = write_bytes(tmp_path / "d.jsonl", contents)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
+    out = previous_run(tmp_path / "out")  # --overwrite may replace it, but only once the new run has loaded
     run_cli(["train", "--model", model_dir, "--data", data, "--output_dir", str(out), "--overwrite",
              "--progress", "false", *extra], capsys, expect_code=code)
     err = run_cli.last_stderr.strip().splitlines()
     assert err[-1].startswith("fastdpo: error: ") and text in err[-1], err[-1]
     assert "Traceback" not in run_cli.last_stderr
-    assert sorted(os.listdir(out)) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    assert sorted(os.listdir(out)) == [".fastdpo-files.json", "keep.txt"] and (out / "keep.txt").read_text() == "precious"
+
+
+def previous_run(out):
+    """An output directory as an earlier, finished fastdpo run left it: its file, and the record that it wrote it."""
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    (out / ".fastdpo-files.json").write_text(json.dumps({"fastdpo": 1, "files": ["keep.txt"], "finished": True}))
+    return out
 
 
 @pytest.mark.parametrize("flags, text", [

@@ -186,14 +186,36 @@ def test_closed_form_optimum(tmp_path, capsys):
         torch.testing.assert_close(implied - implied.mean(), torch.tensor(r) - sum(r) / 3, atol=0.05, rtol=0)
 
 
-def test_resume_with_a_different_schedule_is_refused(base, tmp_path, capsys):
+def test_resume_with_other_data_or_batches_is_refused(base, tmp_path):
+    run(base, tmp_path / "o", "--max_steps", "4", "--save_steps", "2")
+    with pytest.raises(UserError, match="resume with the same data and batch_size"):
+        run(base, tmp_path / "o", "--max_steps", "4", "--save_steps", "2", "--batch_size", "4", "--resume")
+
+
+def test_resuming_a_finished_run_does_nothing(base, tmp_path, capsys):
     run(base, tmp_path / "o", "--max_steps", "4", "--save_steps", "2", "--eval_data", base[2])
-    (tmp_path / "o" / "model.safetensors").unlink()
-    with pytest.raises(UserError, match="resume with the same data, batch_size"):
-        run(base, tmp_path / "o", "--max_steps", "6", "--save_steps", "2", "--resume")
-    # the same schedule resumes, and keeps the held-out metrics from before training
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o").iterdir()}
     result = run(base, tmp_path / "o", "--max_steps", "4", "--save_steps", "2", "--resume", "--eval_data", base[2])
-    assert result.eval_before is not None and result.eval_before["rewards/accuracies"] == 0.0
+    assert "is finished (4 of 4 steps); nothing to do" in capsys.readouterr().err
+    assert result.steps == 4 and result.eval_before is not None and result.eval_before["rewards/accuracies"] == 0.0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o").iterdir()} == before  # nothing rewritten
+
+
+def test_a_larger_max_steps_continues_a_finished_run_exactly(base, tmp_path, capsys):
+    """Constant learning rate: 4 steps, then --resume to 6, equals 6 steps at once, bit for bit. With a linear
+    schedule the rest of the run follows the schedule recomputed for 6 steps."""
+    flags = ["--lr_scheduler", "constant", "--warmup_steps", "0", "--save_steps", "2", "--logging_steps", "1"]
+    run(base, tmp_path / "six", "--max_steps", "6", *flags)
+    run(base, tmp_path / "cut", "--max_steps", "4", *flags)
+    result = run(base, tmp_path / "cut", "--max_steps", "6", *flags, "--resume")
+    assert "resuming a run of 4 steps at step 4 to train to 6" in capsys.readouterr().err and result.steps == 6
+    assert_same_weights(tmp_path / "six", tmp_path / "cut")
+    run(base, tmp_path / "lin", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1")
+    run(base, tmp_path / "lin", "--max_steps", "6", "--save_steps", "2", "--logging_steps", "1", "--resume")
+    lrs = {line["step"]: line["learning_rate"] for line in map(json.loads, open(tmp_path / "lin" / "metrics.jsonl"))
+           if "learning_rate" in line}
+    # warm-up 1 step, then linear decay to 0 at step 6: the rate of step 5 (index 4) is 1e-3 * (1 - 3/5)
+    assert lrs[5] == pytest.approx(1e-3 * (1 - 3 / 5)) and lrs[4] == pytest.approx(1e-3 * (1 - 2 / 3))
 
 
 def test_trainer_state_names_the_epoch_and_batch_of_its_last_step():

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fastdpo.errors import UserError
+from fastdpo.outputs import (TEMPORARY, WriteError, atomic_directory, atomic_write_text, chmod_tree, claim, os_error,
+                             torch_save, write_error)
 
 
 @dataclass
@@ -36,27 +38,6 @@ class TrainerState:
         return cls(**{key: data.get(key, value) for key, value in asdict(cls(0, 0)).items()})
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write `path` through a temporary file in the same directory and a rename: never half-written."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 LATEST = "latest"  # text file in checkpoints/ naming the newest complete checkpoint, written last
 
 
@@ -64,29 +45,43 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, sta
                     reference=None, scaler=None) -> str:
     """Write `checkpoints/step-N/` through a temporary directory and a rename, then point `latest` at it.
 
-    A kill at any moment leaves either the previous `latest` or the new one, each complete.
-    """
+    A kill at any moment leaves either the previous `latest` or the new one, each complete; a failed write leaves
+    the previous one and says where it is."""
     root = os.path.join(output_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step}")
-    tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step}-")
-    model.save_pretrained(tmp, safe_serialization=True)
-    if reference is not None:  # TR-DPO moves the reference: it is part of the training state
-        reference.save_pretrained(os.path.join(tmp, "reference"), safe_serialization=True)
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    if scaler is not None:  # fp16 loss scale
-        torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-    torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
-    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-        json.dump(state, f, indent=1)
-    _fsync_dir(tmp)
-    if os.path.exists(final):  # a stale copy of the same step (from a run that was resumed earlier)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(os.path.join(root, LATEST), f"step-{step}\n")
+    previous = latest_checkpoint(output_dir)
+    try:
+        claim(output_dir, "checkpoints")
+        with atomic_directory(final, f"the checkpoint of step {step}", _nbytes(model, optimizer, reference)) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if reference is not None:  # TR-DPO moves the reference: it is part of the training state
+                reference.save_pretrained(os.path.join(tmp, "reference"), safe_serialization=True)
+            torch_save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            if scaler is not None:  # fp16 loss scale
+                torch_save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+            torch_save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            torch_save(rng_state(), os.path.join(tmp, "rng.pt"))
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump(state, f, indent=1)
+        atomic_write_text(os.path.join(root, LATEST), f"step-{step}\n", "the checkpoint pointer")
+    except WriteError as e:
+        last = f"the last complete checkpoint is {previous}" if previous else "no checkpoint was written before"
+        raise WriteError(f"{e}; {last}") from None
     _prune(root, keep, current=f"step-{step}")
     return final
+
+
+def _nbytes(*objects) -> int:
+    """The bytes of the tensors in these models and optimizers (what a checkpoint of them holds, about)."""
+    total = 0
+    for obj in objects:
+        if obj is None:
+            continue
+        state = obj.state_dict()
+        tensors = state.values() if hasattr(obj, "parameters") else \
+            [t for s in state.get("state", {}).values() for t in s.values()]
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
 
 
 def clean_partial_checkpoints(output_dir: str) -> None:
@@ -163,57 +158,50 @@ def _tied_names(model) -> set[str]:
     return tied
 
 
-def check_output_dir(output_dir: str, overwrite: bool, resume: bool) -> str | None:
-    """Refuse a non-empty output_dir unless --overwrite or --resume; return the checkpoint to resume from."""
-    exists = os.path.isdir(output_dir) and any(os.scandir(output_dir))
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise UserError(f"--output_dir: {output_dir} exists and is not a directory", exit_code=2)
-    if resume:
-        path = latest_checkpoint(output_dir)
-        if path is None:
-            raise UserError(f"--resume: no checkpoint in {output_dir}/checkpoints to resume from (write them with "
-                            "--save_steps N)", exit_code=2)
-        return path
-    if exists and not overwrite:
-        raise UserError(f"--output_dir: {output_dir} is not empty; pass --overwrite to replace it or --resume to "
-                        "continue its latest checkpoint", exit_code=2)
-    return None
-
-
-def prepare_fresh_output_dir(output_dir: str, overwrite: bool) -> None:
-    """With --overwrite, the old contents go only now: after the data, models and config all loaded."""
-    if os.path.isdir(output_dir) and overwrite:
-        for entry in os.scandir(output_dir):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
-    os.makedirs(output_dir, exist_ok=True)
-
-
 def save_final(output_dir: str, model, tokenizer, results: dict, lora: bool = False, merge_lora: bool = False,
                state_dict=None):
     """The final model and tokenizer (Hugging Face format, safetensors) plus the run's results; returns the model
     as it now is. `lora`: the model is a peft model, saved as its adapter; with `merge_lora` the adapter is then
     merged into the base in place (no second copy of the weights) and the merged model is saved and returned.
-    `state_dict`: the weights gathered from their shards, when the model holds only its own shard."""
-    tmp = tempfile.mkdtemp(dir=output_dir, prefix=".tmp-final-")
-    if lora:
-        model.save_pretrained(tmp, selected_adapters=["default"])  # the adapter in peft's format
-        if merge_lora:
-            if "ref" in model.peft_config:
-                model.delete_adapter("ref")
-            merged = os.path.join(tmp, "merged")
-            model = model.merge_and_unload()
-            model.save_pretrained(merged, safe_serialization=True)
-            tokenizer.save_pretrained(merged)
-    else:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-    os.rmdir(tmp)
-    atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=1) + "\n")
+    `state_dict`: the weights gathered from their shards, when the model holds only its own shard. A failed save
+    removes what it wrote and says where the last checkpoint is."""
+    try:
+        tmp = tempfile.mkdtemp(dir=output_dir, prefix=TEMPORARY + "final-")
+        try:
+            if lora:
+                model.save_pretrained(tmp, selected_adapters=["default"])  # the adapter in peft's format
+                if merge_lora:
+                    if "ref" in model.peft_config:
+                        model.delete_adapter("ref")
+                    merged = os.path.join(tmp, "merged")
+                    model = model.merge_and_unload()
+                    model.save_pretrained(merged, safe_serialization=True)
+                    tokenizer.save_pretrained(merged)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            chmod_tree(tmp)  # what save_pretrained wrote gets the user's umask, as everything fastdpo writes
+            names = os.listdir(tmp)
+            claim(output_dir, *names, "results.json")
+            for name in names:
+                target = os.path.join(output_dir, name)
+                if os.path.isdir(target) and not os.path.islink(target):  # an earlier run's merged/ (ours)
+                    shutil.rmtree(target)
+                os.replace(os.path.join(tmp, name), target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=1) + "\n")
+        claim(output_dir, finished=True)
+    except BaseException as e:
+        failure = e if isinstance(e, WriteError) else os_error(e)
+        if failure is None:
+            raise
+        last = latest_checkpoint(output_dir)
+        where = (f"the last checkpoint, {os.path.basename(last)}, is at {last} (the same command with --resume "
+                 "continues from it)" if last else "no checkpoint was written (--save_steps N writes them)")
+        cause = failure if isinstance(failure, WriteError) else write_error("the final model", output_dir, failure,
+                                                                            _nbytes(model))
+        raise WriteError(f"{cause}; {where}") from None
     return model
 
 
@@ -239,10 +227,3 @@ def _prune(root: str, keep: int, current: str) -> None:
     for _, name in steps[:-keep]:
         if name != current:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def _fsync_dir(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())

@@ -115,7 +115,7 @@ def eval_command(argv: list[str]) -> int:
     if not Processes.current().main:  # launched with several processes, each scored every pair: one reports
         return 0
     if outputs.per_pair_out:
-        from fastdpo.checkpoint import atomic_write_text
+        from fastdpo.outputs import atomic_write_text
 
         atomic_write_text(outputs.per_pair_out, "".join(json.dumps(r) + "\n" for r in result.rows))
     print(json.dumps(result.metrics) if outputs.json else format_table(result.metrics))

@@ -41,6 +41,8 @@ class Config:
                 "the reference-free losses, else copy")
     ref_cache_dir: str = opt("", "cache of precomputed reference log-probs ('': $XDG_CACHE_HOME/fastdpo/reference "
                                 "or ~/.cache/fastdpo/reference; off: no cache)")
+    data_cache_dir: str = opt("", "cache of tokenized data, reused by later runs and --resume ('': "
+                                 "$XDG_CACHE_HOME/fastdpo/data or ~/.cache/fastdpo/data; off: no cache)", eval=True)
     trust_remote_code: bool = opt(False, "allow model code from the model directory / hub (off: safe default)",
                                  eval=True)
     # --- data ---------------------------------------------------------------------------------------------------
@@ -171,8 +173,9 @@ class Config:
 
     def _check_loss(self) -> None:
         if self.loss not in LOSSES:
-            raise ConfigError("loss", f"unknown loss {self.loss!r}{_close(self.loss, LOSSES)}; choose one of "
-                                      f"{', '.join(LOSSES)}")
+            hint = (f" (fastdpo, like TRL, calls it {LOSS_NAMES[self.loss]!r})" if self.loss in LOSS_NAMES
+                    else _close(self.loss, LOSSES))
+            raise ConfigError("loss", f"unknown loss {self.loss!r}{hint}; choose one of {', '.join(LOSSES)}")
         if not self.beta > 0:
             raise ConfigError("beta", f"must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
@@ -200,6 +203,11 @@ class Config:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
         if self.max_steps == 0 and not self.epochs > 0:
             raise ConfigError("epochs", f"must be > 0 when max_steps is 0, got {self.epochs}")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError("max_prompt_length", f"{self.max_prompt_length} is not below --max_length "
+                                                   f"{self.max_length}: a prompt that long leaves no room for a "
+                                                   f"response; set it below {self.max_length} (for example "
+                                                   f"{max(1, self.max_length // 2)})")
 
     def _check_reference(self) -> None:
         kind = self.reference_kind()
@@ -322,8 +330,46 @@ def _kind(option: Option) -> str:
     return option.type.__name__
 
 
+# names from TRL's DPOConfig, Hugging Face TrainingArguments and common shorthand -> what fastdpo calls them
+TRL_NAMES = {
+    "lr": "learning_rate", "num_train_epochs": "epochs", "per_device_train_batch_size": "micro_batch_size",
+    "per_device_eval_batch_size": "eval_batch_size", "lr_scheduler_type": "lr_scheduler", "loss_type": "loss",
+    "overwrite_output_dir": "overwrite", "resume_from_checkpoint": "resume", "model_name_or_path": "model",
+    "ref_model_name_or_path": "ref_model", "dataset_name": "data", "dataset_train_split": "data_split",
+    "dataset_test_split": "eval_data_split", "eval_dataset": "eval_data", "train_dataset": "data",
+    "max_completion_length": "max_length", "padding_free": "packing", "use_peft": "lora_r",
+    "lora_target_modules": "lora_targets", "ref_model_sync_steps": "ref_sync_steps",
+    "ref_model_mixup_alpha": "ref_sync_alpha", "sync_ref_model": "ref_sync_steps",
+    "precompute_ref_log_probs": "reference", "bf16": "precision", "fp16": "precision",
+    "gradient_accumulation_steps": "batch_size", "warmup_ratio": "warmup_steps", "eval_strategy": "eval_steps",
+    "evaluation_strategy": "eval_steps", "save_strategy": "save_steps", "logging_strategy": "logging_steps",
+    "disable_tqdm": "progress", "dataset_num_proc": None, "dataloader_num_workers": None, "optim": None,
+    "report_to": None, "disable_dropout": None, "torch_dtype": "precision", "dtype": "precision",
+}
+TRL_HOW = {  # how to say it in fastdpo where a plain rename is not all
+    "precompute_ref_log_probs": "--reference precomputed", "bf16": "--precision bf16", "fp16": "--precision fp16",
+    "torch_dtype": "--precision fp32|bf16|fp16", "dtype": "--precision fp32|bf16|fp16",
+    "use_peft": "--lora_r R (a rank above 0 is LoRA)", "sync_ref_model": "--ref_sync_steps N",
+    "gradient_accumulation_steps": "--batch_size (the pairs of one optimizer step over all processes; "
+                                   "--micro_batch_size is the pairs of one forward pass)",
+    "warmup_ratio": "--warmup_steps (in optimizer steps)", "eval_strategy": "--eval_steps N",
+    "evaluation_strategy": "--eval_steps N", "save_strategy": "--save_steps N", "logging_strategy": "--logging_steps N",
+    "disable_tqdm": "--progress false", "dataset_num_proc": "nothing: data preparation uses every core itself",
+    "dataloader_num_workers": "nothing: data preparation uses every core itself",
+    "optim": "nothing: fastdpo trains with AdamW (--adam_beta1, --adam_beta2, --adam_epsilon, --weight_decay)",
+    "report_to": "nothing yet: fastdpo writes OUTPUT_DIR/metrics.jsonl",
+    "disable_dropout": "nothing: fastdpo always disables dropout in the policy and the reference",
+}
+LOSS_NAMES = {"dpo": "sigmoid", "cdpo": "sigmoid", "kto_pair": "bco_pair", "slic": "hinge", "nca": "nca_pair",
+              "exo": "exo_pair", "sppo": "sppo_hard", "bco": "bco_pair", "apo": "apo_zero", "cpo": "simpo"}
+
+
 def _close(word: str, known, form: str = "{!r}") -> str:
-    """' (did you mean X?)' for the known name closest to `word`, written in `form`, or ''."""
+    """' (did you mean X?)' for the known name closest to `word`, written in `form`, or ''; a TRL or Trainer name
+    gets the fastdpo name it stands for."""
+    if word in TRL_NAMES and form != "{!r}":
+        how = TRL_HOW.get(word) or form.format(TRL_NAMES[word])
+        return f" (in fastdpo: {how})"
     close = difflib.get_close_matches(word, list(known), n=1)
     return f" (did you mean {form.format(close[0])}?)" if close else ""
 

@@ -10,6 +10,7 @@ records (no prompt field) get their prompt from the shared beginning of `chosen`
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import sys
@@ -51,6 +52,7 @@ class Record:
     rejected: str | Messages
     where: str  # "file.jsonl:12", for messages that point at the source
     position: int | None = None  # the record's position in the source, bad records included
+    repeated_prompt: bool = False  # the responses repeated the prompt, which was removed from them
 
 
 @dataclass
@@ -59,42 +61,72 @@ class Fields:
     chosen: str = "chosen"
     rejected: str = "rejected"
 
+    def flag(self, name: str) -> str:
+        """The flag that names the field `name` holds."""
+        return {self.prompt: "--prompt_field", self.chosen: "--chosen_field"}.get(name, "--rejected_field")
+
 
 @dataclass
 class LoadResult:
     records: list[Record]
     skipped: int = 0  # bad records skipped with on_bad_record="skip"
     skip_reasons: list[str] = field(default_factory=list)  # the first few, for the report
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (where, what was wrong) of every skipped record
+
+
+SKIP = "skip such records with --on_bad_record skip"
 
 
 class BadRecord(Exception):
-    """One record is unusable; `load_records` turns it into a UserError or a skip."""
+    """One record is unusable; the loader turns it into a one-line UserError or a counted skip. `fix`: what the
+    user can do about it."""
+
+    def __init__(self, message: str, fix: str = SKIP):
+        super().__init__(message)
+        self.fix = fix
+
+    def error(self, where: str) -> UserError:
+        return UserError(f"{where}: {self} ({self.fix})")
 
 
-def load_records(
-    source, split: str = "train", fields: Fields | None = None, on_bad_record: str = "error", name: str = "data"
-) -> LoadResult:
-    """Read every record of `source` (a path, a hub or built-in name, or an object in memory; see the module
-    docstring). `name`: the option it was given as, for messages about an object in memory."""
+def iter_records(source, split: str = "train", fields: Fields | None = None, name: str = "data"
+                 ) -> Iterator[Record | tuple[str, BadRecord]]:
+    """Every record of `source` in order (a path, a hub or built-in name, or an object in memory; see the module
+    docstring): a Record, or (where, BadRecord) for one that cannot be used. `name`: the option the source was
+    given as, for messages."""
     fields = fields or Fields()
-    if on_bad_record not in ("error", "skip"):
-        raise UserError(f"--on_bad_record must be 'error' or 'skip', got {on_bad_record!r}", exit_code=2)
-    result = LoadResult(records=[])
-    raws = _iter_raw(resolve_data(source, name), split) if isinstance(source, str) else _iter_memory(source, split,
-                                                                                                     name)
+    raws = _iter_raw(resolve_data(source, name), split, name) if isinstance(source, str) else \
+        _iter_memory(source, split, name)
     for position, (where, raw) in enumerate(raws):
         try:
             if isinstance(raw, BadRecord):
                 raise raw
             record = parse_record(raw, fields, where)
-            record.position = position
-            result.records.append(record)
         except BadRecord as e:
-            if on_bad_record == "error":
-                raise UserError(f"{where}: {e} (use --on_bad_record skip to skip such records)") from None
-            result.skipped += 1
-            if len(result.skip_reasons) < 3:
-                result.skip_reasons.append(f"{where}: {e}")
+            yield where, e
+            continue
+        record.position = position
+        yield record
+
+
+def load_records(
+    source, split: str = "train", fields: Fields | None = None, on_bad_record: str = "error", name: str = "data"
+) -> LoadResult:
+    """Every usable record of `source` in a list; bad records stop the load or are skipped and counted."""
+    if on_bad_record not in ("error", "skip"):
+        raise UserError(f"--on_bad_record must be 'error' or 'skip', got {on_bad_record!r}", exit_code=2)
+    result = LoadResult(records=[])
+    for item in iter_records(source, split, fields, name):
+        if isinstance(item, Record):
+            result.records.append(item)
+            continue
+        where, e = item
+        if on_bad_record == "error":
+            raise e.error(where)
+        result.skipped += 1
+        result.bad.append((where, str(e)))
+        if len(result.skip_reasons) < 3:
+            result.skip_reasons.append(f"{where}: {e}")
     if not result.records:
         detail = f"; {result.skipped} bad records were skipped" if result.skipped else ""
         raise UserError(f"{describe(source, name)}: no preference records found{detail}")
@@ -106,7 +138,7 @@ def _iter_memory(source, split: str, name: str) -> Iterator[tuple[str, Any]]:
     datasets = sys.modules.get("datasets")  # an object of its types exists only once the user imported it
     if datasets is not None and isinstance(source, datasets.DatasetDict):
         if split not in source:
-            key = "eval_data_split" if name == "eval_data" else "data_split"
+            key = split_flag(name).removeprefix("--")
             raise UserError(f"{name}: no split {split!r} (it has {sorted(source)}); choose one with {key}=")
         source, name = source[split], f"{name}[{split!r}]"
     elif datasets is not None and isinstance(source, datasets.IterableDataset):
@@ -119,60 +151,87 @@ def _iter_memory(source, split: str, name: str) -> Iterator[tuple[str, Any]]:
         yield f"{name}[{i}]", raw
 
 
-def _iter_raw(path: str, split: str) -> Iterator[tuple[str, Any]]:
+def _iter_raw(path: str, split: str, name: str = "data") -> Iterator[tuple[str, Any]]:
     """Yield (where, raw object or BadRecord) for each record of the source."""
     if os.path.isdir(path):
-        yield from _iter_datasets_dir(path, split)
+        yield from _iter_datasets_dir(path, split, name)
     elif os.path.isfile(path):
-        lower = path.lower()
+        lower = path.lower().removesuffix(".gz")
         if lower.endswith(".jsonl"):
             yield from _iter_jsonl(path)
         elif lower.endswith(".json"):
             yield from _iter_json(path)
-        elif lower.endswith(".parquet"):
+        elif lower.endswith(".parquet") and not path.lower().endswith(".gz"):
             yield from _iter_parquet(path)
         else:
-            raise UserError(f"{path}: unknown data format; use .jsonl, .json, .parquet or a datasets directory")
-    elif path.endswith((".jsonl", ".json", ".parquet")) or path.startswith((".", "/", "~")):
+            raise UserError(f"{path}: unknown data format; use .jsonl, .json (either may be .gz), .parquet or a "
+                            "datasets directory")
+    elif path.endswith((".jsonl", ".json", ".parquet", ".gz")) or path.startswith((".", "/", "~")):
         raise UserError(f"{path}: no such file or directory")
     else:
-        yield from _iter_hub(path, split)
+        yield from _iter_hub(path, split, name)
+
+
+def _open(path: str):
+    """The file's bytes, through gzip for a .gz file."""
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
+def _lines(path: str, lines) -> Iterator[tuple[str, Any]]:
+    """JSON lines: (where, object or BadRecord) for each non-blank line; a UTF-8 BOM at the start is dropped."""
+    for lineno, line in enumerate(lines, start=1):
+        where = f"{path}:{lineno}"
+        if lineno == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield where, BadRecord(f"bytes that are not UTF-8 (at byte {e.start} of the line)")
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield where, json.loads(text)
+        except json.JSONDecodeError as e:
+            yield where, BadRecord(f"invalid JSON ({e.msg} at column {e.colno})")
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield where, BadRecord(f"bytes that are not UTF-8 (at byte {e.start} of the line)")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield where, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield where, BadRecord(f"invalid JSON ({e.msg} at column {e.colno})")
+    try:
+        with _open(path) as f:
+            yield from _lines(path, f)
+    except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+        raise UserError(f"{path}: cannot be read ({e})") from None
 
 
 def _iter_json(path: str) -> Iterator[tuple[str, Any]]:
+    """A list of objects (or {"data": [...]}), or JSON lines in a .json file (what `Dataset.to_json` writes)."""
     try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
+        with _open(path) as f:
+            raw = f.read().removeprefix(b"\xef\xbb\xbf")
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot be read ({e})") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: bytes that are not UTF-8 (at byte {e.start})") from None
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and raw.lstrip()[:1] == b"{":  # one object per line
+            yield from _lines(path, raw.splitlines())
+            return
         raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
+    if isinstance(data, dict):  # a single record
+        data = [data]
     if not isinstance(data, list):
-        raise UserError(f"{path}: a .json data file must hold a list of objects (one per preference pair)")
-    for i, raw in enumerate(data):
-        yield f"{path}: item {i}", raw
+        raise UserError(f"{path}: a .json data file must hold a list of objects (one per preference pair) or one "
+                        "object per line")
+    for i, raw_record in enumerate(data):
+        yield f"{path}: item {i}", raw_record
 
 
-def _datasets():
+def datasets_module():
     try:
         import datasets
     except ImportError:
@@ -181,34 +240,40 @@ def _datasets():
 
 
 def _iter_parquet(path: str) -> Iterator[tuple[str, Any]]:
-    ds = _datasets().Dataset.from_parquet(path)
+    ds = datasets_module().Dataset.from_parquet(path)
     for i, raw in enumerate(ds):
         yield f"{path}: row {i}", raw
 
 
-def _iter_datasets_dir(path: str, split: str) -> Iterator[tuple[str, Any]]:
-    datasets = _datasets()
+def split_flag(name: str) -> str:
+    """The flag that chooses the split of the source given as `name`."""
+    return "--eval_data_split" if name == "eval_data" else "--data_split"
+
+
+def _iter_datasets_dir(path: str, split: str, name: str = "data") -> Iterator[tuple[str, Any]]:
+    datasets = datasets_module()
     try:
         ds = datasets.load_from_disk(path)
     except FileNotFoundError:
         raise UserError(f"{path}: a directory, but not one written by datasets' save_to_disk") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise UserError(f"{path}: no split {split!r} (it has {sorted(ds)}); choose one with --data_split")
+            raise UserError(f"{path}: no split {split!r} (it has {sorted(ds)}); choose one with {split_flag(name)}")
         ds = ds[split]
     for i, raw in enumerate(ds):
         yield f"{path}[{split}]: row {i}", raw
 
 
-def _iter_hub(name: str, split: str) -> Iterator[tuple[str, Any]]:
-    datasets = _datasets()
+def _iter_hub(path: str, split: str, name: str = "data") -> Iterator[tuple[str, Any]]:
+    datasets = datasets_module()
     try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # the hub raises many types: offline, missing, gated
+        ds = datasets.load_dataset(path, split=split)
+    except Exception as e:  # the hub raises many types: offline, missing, gated, a wrong split
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{name}: not a local file and could not be loaded from the hub ({first})") from None
+        raise UserError(f"{path}: not a local file and could not be loaded from the hub ({first}; the split comes "
+                        f"from {split_flag(name)})") from None
     for i, raw in enumerate(ds):
-        yield f"{name}[{split}]: row {i}", raw
+        yield f"{path}[{split}]: row {i}", raw
 
 
 # --- validation -----------------------------------------------------------------------------------------------
@@ -219,29 +284,50 @@ def parse_record(raw: Any, fields: Fields, where: str) -> Record:
     if not isinstance(raw, dict):
         raise BadRecord(f"expected a JSON object with fields {fields.chosen!r} and {fields.rejected!r}, "
                         f"got {type(raw).__name__}")
-    chosen = _response(raw, fields.chosen)
-    rejected = _response(raw, fields.rejected)
+    chosen = _response(raw, fields.chosen, fields)
+    rejected = _response(raw, fields.rejected, fields)
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise BadRecord(f"field {fields.chosen!r} and field {fields.rejected!r} must both be text or both be "
                         "lists of messages")
     prompt = raw.get(fields.prompt)
+    repeated = False
     if prompt is None or (isinstance(prompt, str) and not isinstance(chosen, str)):
         # No prompt, or a text prompt beside whole conversations: the prompt is the shared beginning.
         prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, fields)
     elif isinstance(prompt, str):
-        pass
+        repeated, chosen, rejected = strip_repeated_prompt(prompt, chosen, rejected)
     elif isinstance(prompt, list):
         _check_messages(prompt, fields.prompt, allow_empty=False)
         if isinstance(chosen, str):
             raise BadRecord(f"field {fields.prompt!r} is a list of messages but field {fields.chosen!r} is text")
+        repeated, chosen, rejected = strip_repeated_prompt(prompt, chosen, rejected)
     else:
         raise BadRecord(f"field {fields.prompt!r} must be text or a list of messages, got {type(prompt).__name__}")
-    return Record(prompt=prompt, chosen=chosen, rejected=rejected, where=where)
+    return Record(prompt=prompt, chosen=chosen, rejected=rejected, where=where, repeated_prompt=repeated)
 
 
-def _response(raw: dict, name: str) -> str | Messages:
+def strip_repeated_prompt(prompt, chosen, rejected) -> tuple[bool, Any, Any]:
+    """Responses that start with their prompt (a common export shape: whole conversations in `chosen` and
+    `rejected` beside the prompt) -> (True, the responses without it). For conversations the repeated part may
+    also be the prompt's last messages alone (the user turn without the system message). Each response keeps at
+    least one message or character."""
+    if chosen[: len(prompt)] == prompt == rejected[: len(prompt)] and min(len(chosen), len(rejected)) > len(prompt):
+        return True, chosen[len(prompt):], rejected[len(prompt):]
+    if isinstance(prompt, list):
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        for n in range(shared, 0, -1):  # the longest shared start that is the prompt's end
+            if prompt[-n:] == chosen[:n]:
+                return True, chosen[n:], rejected[n:]
+    return False, chosen, rejected
+
+
+def _response(raw: dict, name: str, fields: Fields) -> str | Messages:
     if name not in raw:
-        raise BadRecord(f"missing field {name!r} (fields present: {sorted(raw)[:8]})")
+        present = ", ".join(repr(k) for k in sorted(raw, key=str)[:12]) or "none"
+        raise BadRecord(f"missing field {name!r} (the record has {present})",
+                        fix=f"name the field that holds it with {fields.flag(name)} FIELD, or {SKIP}")
     value = raw[name]
     if isinstance(value, str):
         if not value.strip():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -13,11 +14,12 @@ from fastdpo.errors import UserError
 from fastdpo.logps import LogpsModule, choose_layout
 from fastdpo.losses import REFERENCE_FREE
 from fastdpo.metrics import pooled_means
-from fastdpo.models import Inputs, is_lora, load_model, policy_tokenizer, reference_weights
+from fastdpo.models import Inputs, check_models, is_lora, load_model, policy_tokenizer, reference_weights
 from fastdpo.reference import Reference, build_reference
 from fastdpo.runtime import Processes, Runtime, start
 from fastdpo.step import score_batch
-from fastdpo.tokenize import TokenizedPair, load_pairs
+from fastdpo.prepare import data_cache_dir, load_pairs
+from fastdpo.tokenize import PairSet
 
 @dataclass
 class EvalResult:
@@ -26,16 +28,21 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_pairs(policy, reference: Reference, pairs: list[TokenizedPair], cfg: Config, layout: Layout,
-                   pad_token_id: int, batch_size: int, runtime: Runtime, share: Processes = Processes()
-                   ) -> EvalResult:
+def evaluate_pairs(policy, reference: Reference, pairs: PairSet, cfg: Config, layout: Layout,
+                   pad_token_id: int, batch_size: int, runtime: Runtime, share: Processes = Processes(),
+                   progress: bool = False) -> EvalResult:
     """Means of the per-pair metrics over `pairs`, and one row per pair, batches taken in data order.
 
     With `share` several processes each score their shard and the means are pooled; the rows are this process's.
-    Sharded weights (FSDP, ZeRO-3) need every process in every forward: there each scores them all."""
+    Sharded weights (FSDP, ZeRO-3) need every process in every forward: there each scores them all. `progress`:
+    a progress bar on stderr."""
+    from tqdm.auto import tqdm
+
     positions = share.shard(list(range(len(pairs))))
     values: dict[str, list[torch.Tensor]] = {}
     rows = []
+    bar = tqdm(total=len(positions), desc="evaluating", unit=" pairs", disable=not progress, leave=False,
+               file=sys.stderr)
     for start_at in range(0, len(positions), batch_size):
         chunk = positions[start_at : start_at + batch_size]
         batch = layout.collate([pairs[i] for i in chunk], pad_token_id).to(runtime.device)
@@ -44,6 +51,8 @@ def evaluate_pairs(policy, reference: Reference, pairs: list[TokenizedPair], cfg
         for key, value in scored.metrics.items():
             values.setdefault(key, []).append(value.cpu())
         rows += per_pair_rows(batch.indices, {key: parts[-1] for key, parts in values.items()}, scored)
+        bar.update(len(chunk))
+    bar.close()
     metrics = {key: torch.cat(parts).mean().item() for key, parts in values.items()}
     metrics["pairs"] = len(positions)
     if share.world > 1:
@@ -77,18 +86,21 @@ def run_eval(cfg: Config, inputs: Inputs | None = None) -> EvalResult:
                         f"{', '.join(sorted(REFERENCE_FREE))} run without one)", exit_code=2)
     runtime = start(cfg)
     tokenizer = policy_tokenizer(cfg, inputs)
+    cfg = check_models(cfg, inputs, tokenizer, runtime.log)
     pairs, stats = load_pairs(
         inputs.data if inputs.data is not None else cfg.data, cfg.data_split, tokenizer,
         fields=Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
-        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, on_bad_record=cfg.on_bad_record)
+        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, on_bad_record=cfg.on_bad_record,
+        cache_dir=data_cache_dir(cfg), progress=runtime.main and sys.stderr.isatty(), log=runtime.log)
     runtime.log(stats.summary())
     policy = inputs.model if inputs.model is not None else load_model(cfg.model, cfg.seed, cfg.trust_remote_code)
     policy = policy.eval().to(runtime.device)
     body = policy.get_base_model() if is_lora(policy) else policy  # a peft model scores with its adapters on
     weights = reference_weights(cfg, policy, inputs, runtime.device)
     pad = tokenizer.pad_token_id
-    layout = choose_layout(cfg, [body, weights.model] if weights.kind == "model" else [body], pairs, pad,
+    layout = choose_layout(cfg, [body, weights.model] if weights.kind == "model" else [body], [pairs], pad,
                            runtime.device, runtime.log, runtime.zero3)
     module = LogpsModule(body, layout)
     reference = build_reference(cfg, policy, module, weights, layout, pad, {"eval": pairs}, runtime)["eval"]
-    return evaluate_pairs(module, reference, pairs, cfg, layout, pad, cfg.batch_size, runtime)
+    return evaluate_pairs(module, reference, pairs, cfg, layout, pad, cfg.batch_size, runtime,
+                          progress=runtime.main and sys.stderr.isatty())

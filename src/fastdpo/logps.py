@@ -21,7 +21,7 @@ import torch
 from fastdpo.batching import Batch, Layout, collate_concatenated, model_position_ids
 from fastdpo.config import Config
 from fastdpo.head import gather_logps, head_logps
-from fastdpo.tokenize import TokenizedPair
+from fastdpo.tokenize import PairSet, TokenizedPair
 
 
 class NoChunkedHead(Exception):
@@ -126,21 +126,26 @@ def requested_layout(cfg: Config, zero3: bool = False) -> Layout:
                   chunk_size=cfg.logits_chunk_size or 1, row_length=cfg.pack_length)
 
 
-def choose_layout(cfg: Config, models: Sequence, pairs: Sequence[TokenizedPair], pad_token_id: int, device,
-                  notice=print, zero3: bool = False) -> Layout:
+def choose_layout(cfg: Config, models: Sequence, sets: Sequence, pad_token_id: int, device, notice=print,
+                  zero3: bool = False) -> Layout:
     """The one layout of a run: the requested one, narrowed by the start-up check until it is exact for every
-    model in `models` (those that score its batches)."""
-    layout, sample = requested_layout(cfg, zero3), check_sample(pairs)
+    model in `models` (those that score its batches) on the data `sets` (each a PairSet or list of pairs)."""
+    layout = requested_layout(cfg, zero3)
+    sample = check_sample([p for pairs in sets for p in check_sample(pairs)])
     for model in dict.fromkeys(models):  # each distinct model once
         layout = check_layout(model, layout, sample, pad_token_id, device, notice)
     return layout
 
 
-def check_sample(pairs: Sequence[TokenizedPair]) -> list[TokenizedPair]:
+def check_sample(pairs: Sequence[TokenizedPair] | PairSet) -> list[TokenizedPair]:
     """For the exactness checks: the shortest pair and the longest (padding and packing both exercised), then the
     pair with the longest single sequence if that is another (what an attention window is measured against)."""
     if len(pairs) < 2:
         return list(pairs[:1])
+    if isinstance(pairs, PairSet):  # found from the lengths, without building every pair
+        n = pairs.lengths()
+        shared, sequence = n.sum(axis=1), n[:, 0] + n[:, 1:].max(axis=1)
+        pairs = [pairs[int(i)] for i in dict.fromkeys((shared.argmin(), shared.argmax(), sequence.argmax()))]
     shortest, longest = min(pairs, key=lambda p: p.shared_length), max(pairs, key=lambda p: p.shared_length)
     longest_sequence = max(pairs, key=lambda p: p.longest_sequence)
     extra = [longest_sequence] if longest_sequence.longest_sequence > longest.longest_sequence else []

@@ -10,19 +10,28 @@ from dataclasses import dataclass
 
 
 class MetricsFile:
-    """Appends one JSON line per logging step to `metrics.jsonl`; on resume, drops lines past the checkpoint."""
+    """Appends one JSON line per logging step to `metrics.jsonl`; on resume, drops lines past the checkpoint.
 
-    def __init__(self, path: str, resume_step: int | None = None):
-        self.path = path
+    A line is appended whole or not at all: a failed write (a full disk) cuts the file back to where it was and
+    raises `failure(error)`. `rewrite(path, text)`: writes a whole file atomically."""
+
+    def __init__(self, path: str, resume_step: int | None = None, rewrite=None, failure=lambda error: error):
+        self.path, self.failure = path, failure
         if resume_step is not None and os.path.isfile(path):
             with open(path, encoding="utf-8", errors="replace") as f:
                 kept = [line for line in f if _step(line) is not None and _step(line) <= resume_step]
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(kept)
+            rewrite(path, "".join(kept))
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode("utf-8")
+        with open(self.path, "ab") as f:
+            size = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError as e:
+                f.truncate(size)
+                raise self.failure(e) from None
 
 
 class NoMetricsFile:

@@ -62,12 +62,107 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "mode
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"--{flag}: {name}: could not load a tokenizer ({first}); the model directory needs "
                         "its tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json)") from None
+    check_tokenizer(tokenizer, f"--{flag}: {name}")
     return _with_pad(tokenizer, f"{flag}: {name}")
+
+
+PROBE = "The quick brown fox jumps over the lazy dog. It was 1984."
+
+
+def check_tokenizer(tokenizer, where: str) -> None:
+    """Refuse a tokenizer that cannot do the job: empty (transformers builds one for several model families when
+    the tokenizer files are missing), turning ordinary text into unknown tokens only, or without an EOS token
+    (every response ends with it)."""
+    ids = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+    unknown = tokenizer.unk_token_id
+    if len(tokenizer) < 4 or not ids or all(i == unknown for i in ids):
+        shown = "nothing" if not ids else "unknown tokens only"
+        raise UserError(f"{where}: its tokenizer is empty ({len(tokenizer)} tokens; ordinary text becomes {shown}): "
+                        "the directory lacks its tokenizer files (tokenizer.json or tokenizer.model and "
+                        "tokenizer_config.json); copy them from the model it was trained from")
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{where}: its tokenizer has no EOS token, which ends every response; set eos_token in its "
+                        "tokenizer_config.json")
+
+
+def model_config(name, trust_remote_code: bool = False, flag: str = "model"):
+    """The transformers config of a model (a loaded one, a path, a hub id, an adapter's base or builtin:tiny),
+    without loading its weights."""
+    from transformers import AutoConfig
+
+    if not isinstance(name, str):
+        return name.config
+    source = _source(name, flag)
+    if os.path.isdir(source) and adapter_base(source):
+        return model_config(adapter_base(source), trust_remote_code, flag)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError ... for a bad config
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"--{flag}: {name}: could not load the model's config ({first})") from None
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence a model's positions cover (its position table, or the context it was trained for)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def vocabulary_size(config) -> int | None:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(text, "vocab_size", None)
+
+
+def check_models(cfg, inputs: Inputs, tokenizer, log) -> "object":
+    """The checks before the heavy work, from the models' configs and tokenizers: each model's vocabulary holds
+    the tokenizer's ids; a reference's tokenizer is the policy's; `max_length` fits the models' positions (capped
+    with a notice, and `max_prompt_length` with it). Returns the config with the lengths it can use."""
+    import dataclasses
+
+    configs = {"model": model_config(inputs.model if inputs.model is not None else cfg.model,
+                                     cfg.trust_remote_code)}
+    if inputs.ref_model is not None or cfg.ref_model:
+        configs["ref_model"] = model_config(inputs.ref_model if inputs.ref_model is not None else cfg.ref_model,
+                                            cfg.trust_remote_code, "ref_model")
+        if cfg.ref_model and inputs.ref_model is None:
+            check_same_tokenizer(cfg.ref_model, tokenizer, cfg.trust_remote_code)
+    for flag, config in configs.items():
+        rows = vocabulary_size(config)
+        if rows is not None and len(tokenizer) > rows:
+            raise UserError(f"--{flag}: the model's vocabulary has {rows} rows but the tokenizer has {len(tokenizer)} "
+                            "tokens: they do not belong together (the ids past its vocabulary would crash it)")
+    limits = {flag: position_limit(c) for flag, c in configs.items() if position_limit(c)}
+    if not limits or min(limits.values()) >= cfg.max_length:
+        return cfg
+    flag, limit = min(limits.items(), key=lambda kv: kv[1])
+    prompt = min(cfg.max_prompt_length, limit // 2)
+    log(f"fastdpo: --max_length {cfg.max_length} is longer than the {limit} positions of --{flag}; using --max_length "
+        f"{limit}" + (f" and --max_prompt_length {prompt}" if prompt != cfg.max_prompt_length else ""))
+    return dataclasses.replace(cfg, max_length=limit, max_prompt_length=prompt)
+
+
+def check_same_tokenizer(ref_model: str, tokenizer, trust_remote_code: bool) -> None:
+    """A reference directory with a tokenizer of its own must tokenize as the policy's does."""
+    source = _source(ref_model, "ref_model")
+    if not os.path.isdir(source) or not any(os.path.isfile(os.path.join(source, f))
+                                            for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return  # none of its own: the vocabulary check guards the ids
+    theirs = load_tokenizer(ref_model, trust_remote_code, "ref_model")
+    if theirs.get_vocab() != tokenizer.get_vocab() or (theirs.eos_token_id, theirs.bos_token_id) != (
+            tokenizer.eos_token_id, tokenizer.bos_token_id):
+        raise UserError(f"--ref_model: {ref_model}: its tokenizer differs from the policy's (another vocabulary or "
+                        "other special tokens): the reference must score the same token ids; use a reference "
+                        "trained from the same base")
 
 
 def policy_tokenizer(cfg, inputs: Inputs):
     """The policy's tokenizer: the one passed beside a model in memory, else loaded from the model's path."""
     if inputs.tokenizer is not None:
+        check_tokenizer(inputs.tokenizer, "tokenizer")
         return _with_pad(inputs.tokenizer, "tokenizer")
     if inputs.model is not None:
         path = in_memory_name(inputs.model)
@@ -163,6 +258,8 @@ def load_model(name: str, seed: int = 42, trust_remote_code: bool = False, flag:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
                                                          trust_remote_code=trust_remote_code,
                                                          **_quantization(load_in_4bit, flag))
+            if os.path.isdir(source):  # recorded as an adapter's base: a path that works from any directory
+                model.name_or_path = model.config._name_or_path = os.path.abspath(source)
     except UserError:
         raise
     except Exception as e:

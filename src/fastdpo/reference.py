@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
+import sys
 import time
 from typing import Sequence
 
 import torch
 
 from fastdpo.batching import Batch, Layout
-from fastdpo.checkpoint import atomic_write_bytes
+from fastdpo.outputs import WriteError, atomic_write_bytes
 from fastdpo.config import Config
 from fastdpo.logps import LogpsModule, choose_layout, split_pairs
 from fastdpo.models import ReferenceWeights
 from fastdpo.runtime import Runtime
-from fastdpo.tokenize import TokenizedPair
+from fastdpo.tokenize import PairSet
 
 
 class Reference:
@@ -103,7 +103,7 @@ class PrecomputedReference(Reference):
 
 
 def build_reference(cfg: Config, policy, policy_module: LogpsModule, weights: ReferenceWeights, layout: Layout,
-                    pad_token_id: int, sets: dict[str, list[TokenizedPair]], runtime: Runtime
+                    pad_token_id: int, sets: dict[str, PairSet], runtime: Runtime
                     ) -> dict[str, Reference]:
     """The reference the config asks for, for each named set of pairs: one object shared by every set, except
     precomputed values, which belong to their set. `weights`: from `models.reference_weights`; `layout`: the run's.
@@ -117,8 +117,8 @@ def build_reference(cfg: Config, policy, policy_module: LogpsModule, weights: Re
     elif weights.kind == "policy":
         live = ModelReference(policy_module, policy)
     elif cfg.reference == "precomputed":  # a separate model that never scores training batches: its own layout
-        pairs = [p for subset in sets.values() for p in subset]
-        own = choose_layout(cfg, [weights.model], pairs, pad_token_id, runtime.device, runtime.log, runtime.zero3)
+        own = choose_layout(cfg, [weights.model], list(sets.values()), pad_token_id, runtime.device, runtime.log,
+                            runtime.zero3)
         live, layout = ModelReference(LogpsModule(weights.model, own), weights.model), own
     else:
         live = ModelReference(LogpsModule(weights.model, layout), weights.model)
@@ -163,28 +163,34 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def cache_key(weights: str, pairs: list[TokenizedPair], precision: str) -> str:
-    h = hashlib.sha256(f"{weights}|{precision}|".encode())
-    for p in pairs:
-        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+def cache_key(weights: str, pairs: PairSet, precision: str) -> str:
+    h = hashlib.sha256(f"{weights}|{precision}|{pairs.digest()}".encode())
     return h.hexdigest()[:32]
 
 
 @torch.no_grad()
-def compute_reference_logps(reference: Reference, pairs: list[TokenizedPair], layout: Layout, pad_token_id: int,
-                            batch_size: int, runtime: Runtime) -> torch.Tensor:
-    """Reference log-probs of every pair, in order. Shape: (N, 2) as (chosen, rejected)."""
+def compute_reference_logps(reference: Reference, pairs: PairSet, positions: list[int], layout: Layout,
+                            pad_token_id: int, batch_size: int, runtime: Runtime, progress: bool = False
+                            ) -> torch.Tensor:
+    """Reference log-probs of the pairs at `positions`, in their order. Shape: (n, 2) as (chosen, rejected)."""
+    from tqdm.auto import tqdm
+
     out = []
-    for start in range(0, len(pairs), batch_size):
-        batch = layout.collate(pairs[start : start + batch_size], pad_token_id).to(runtime.device)
+    bar = tqdm(total=len(positions), desc="reference log-probs", unit=" pairs", disable=not progress, leave=False,
+               file=sys.stderr)
+    for start in range(0, len(positions), batch_size):
+        chunk = positions[start : start + batch_size]
+        batch = layout.collate([pairs[i] for i in chunk], pad_token_id).to(runtime.device)
         with runtime.autocast():
-            logps = reference.logps(batch, range(start, start + batch.num_pairs))  # (2b,)
+            logps = reference.logps(batch, chunk)  # (2b,)
         chosen, rejected = split_pairs(logps.float().cpu())
         out.append(torch.stack([chosen, rejected], dim=1))
+        bar.update(len(chunk))
+    bar.close()
     return torch.cat(out) if out else torch.zeros(0, 2)  # a process's shard can be empty
 
 
-def precompute(reference: Reference, pairs: list[TokenizedPair], name: str, layout: Layout, pad_token_id: int,
+def precompute(reference: Reference, pairs: PairSet, name: str, layout: Layout, pad_token_id: int,
                batch_size: int, runtime: Runtime, cfg: Config, weights: str) -> PrecomputedReference:
     """The set's reference log-probs, from the cache when it has them.
 
@@ -198,13 +204,17 @@ def precompute(reference: Reference, pairs: list[TokenizedPair], name: str, layo
         values = load_file(path)["reference_logps"]
         how = f"loaded from the cache {path}"
     else:
-        shard = compute_reference_logps(reference, processes.shard(pairs), layout, pad_token_id, batch_size, runtime)
+        shard = compute_reference_logps(reference, pairs, processes.shard(list(range(len(pairs)))), layout,
+                                        pad_token_id, batch_size, runtime, progress=cfg.progress and processes.main)
         values = torch.stack(processes.unshard([list(s) for s in processes.gather(shard)]))  # (N, 2)
         how = f"computed in {time.perf_counter() - start:.1f} s" + \
             (f" by {processes.world} processes" if processes.world > 1 else "")
         if path and processes.main:
-            atomic_write_bytes(path, save({"reference_logps": values.contiguous()}))
-            how += f", cached at {path}"
+            try:
+                atomic_write_bytes(path, save({"reference_logps": values.contiguous()}), "the reference cache")
+                how += f", cached at {path}"
+            except WriteError as e:  # the cache only saves the next run this pass: a full disk costs no more
+                how += f", not cached ({e})"
     assert values.shape == (len(pairs), 2)
     runtime.log(f"reference log-probs for {len(pairs)} {name} pairs: {how}")
     return PrecomputedReference(values)

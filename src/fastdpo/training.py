@@ -15,20 +15,21 @@ from typing import Any
 import torch
 
 from fastdpo.batching import Layout, batch_order
-from fastdpo.checkpoint import (TrainerState, atomic_write_text, check_output_dir, clean_partial_checkpoints,
-                                latest_checkpoint, load_checkpoint, prepare_fresh_output_dir, save_checkpoint,
-                                save_final)
+from fastdpo.checkpoint import (TrainerState, clean_partial_checkpoints, latest_checkpoint, load_checkpoint,
+                                save_checkpoint, save_final)
 from fastdpo.config import Config
 from fastdpo.data import Fields
 from fastdpo.errors import UserError
 from fastdpo.evaluation import evaluate_pairs
 from fastdpo.logps import LogpsModule, choose_layout
 from fastdpo.metrics import LogWindow, MetricsFile, NoMetricsFile, ProgressBar, StepRecord, mean_metrics
-from fastdpo.models import Inputs, is_lora, load_policy, policy_tokenizer, reference_weights
+from fastdpo.outputs import Plan, atomic_write_text, claim, plan_output_dir, recorded, remove_ours, write_error
+from fastdpo.models import Inputs, check_models, is_lora, load_policy, policy_tokenizer, reference_weights
 from fastdpo.reference import Reference, build_reference, placed, sync_reference
 from fastdpo.runtime import Processes, Runtime, start
 from fastdpo.step import score_batch
-from fastdpo.tokenize import TokenizedPair, load_pairs
+from fastdpo.prepare import data_cache_dir, load_pairs
+from fastdpo.tokenize import PairSet
 
 
 @dataclass
@@ -49,8 +50,8 @@ class Run:
     cfg: Config
     runtime: Runtime
     tokenizer: Any
-    pairs: list[TokenizedPair]
-    eval_pairs: list[TokenizedPair] | None
+    pairs: PairSet
+    eval_pairs: PairSet | None
     policy: Any  # the model that trains and is saved (a peft model with LoRA)
     module: Any  # the policy's LogpsModule as the strategy wrapped it: the forward the loop runs
     layout: Layout
@@ -59,12 +60,16 @@ class Run:
     optimizer: Any
     scheduler: Any
     state: TrainerState
-    resume_from: str | None
+    plan: Plan  # what the run does with its output directory
     micro_batch_size: int  # pairs per forward pass per process
 
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
+
+    @property
+    def resume_from(self) -> str | None:
+        return self.plan.resume_from
 
 
 def train(cfg: Config, inputs: Inputs | None = None) -> TrainResult:
@@ -75,6 +80,10 @@ def train(cfg: Config, inputs: Inputs | None = None) -> TrainResult:
 def fit(run: Run) -> TrainResult:
     """The loop: each step's micro-batches (forward, loss, backward), clip, optimizer step, log, eval, save."""
     cfg, rt, state, pairs = run.cfg, run.runtime, run.state, run.pairs
+    if run.resume_from and state.step >= state.total_steps and recorded(cfg.output_dir)["finished"]:
+        rt.log(f"fastdpo: --resume: {cfg.output_dir} is finished ({state.step} of {state.total_steps} steps); nothing to "
+               "do (a larger --max_steps or --epochs trains it further)")
+        return TrainResult(cfg.output_dir, state.step, state.eval_before, None, None, model=finished_model(run))
     metrics_file = open_outputs(run)
     if state.step == 0:
         state.eval_before = evaluate_now(run, 0, metrics_file)
@@ -82,7 +91,7 @@ def fit(run: Run) -> TrainResult:
         rt.log(eval_line("eval before training", state.eval_before))
     bar = ProgressBar(state.total_steps, initial=state.step, enabled=cfg.progress and rt.main)
     window, last, orders = LogWindow(), None, {}
-    lengths = [p.num_tokens for p in pairs] if cfg.group_by_length else None
+    lengths = pairs.num_tokens().tolist() if cfg.group_by_length else None
     stop = StopOnSignal().install()  # SIGTERM / first Ctrl-C: finish the step, checkpoint, exit 0
     run.module.train()
     try:
@@ -94,17 +103,18 @@ def fit(run: Run) -> TrainResult:
             micro_batches = rt.processes.micro_batches(positions, run.micro_batch_size)
             shares = []
             for k, (chunk, scale) in enumerate(micro_batches):
-                batch = run.layout.collate([pairs[i] for i in chunk], run.pad_token_id).to(rt.device)
+                chunk_pairs = [pairs[i] for i in chunk]
+                batch = run.layout.collate(chunk_pairs, run.pad_token_id).to(rt.device)
                 last_micro = k == len(micro_batches) - 1
                 sync = contextlib.nullcontext() if last_micro else rt.accelerator.no_sync(run.module)
                 with sync, rt.autocast():
                     scored = score_batch(run.module, run.reference, batch, chunk, cfg)
                     rt.accelerator.backward(scored.losses.sum() * scale)
                 if scale:  # a zero-scale micro-batch only keeps the processes in step
-                    shares.append(ShareOfStep(scored.metrics, sum(pairs[i].num_tokens for i in chunk),
+                    shares.append(ShareOfStep(scored.metrics, sum(p.num_tokens for p in chunk_pairs),
                                               batch.padding_share))
             grad_norm = rt.clip_grad_norm(run.module, cfg.max_grad_norm)
-            lr = run.scheduler.get_last_lr()[0]
+            lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
             stats = gather_step(rt.processes, shares, stop.requested is not None)  # the one gather of a step
             optimizer_step(run, math.isfinite(grad_norm) and math.isfinite(stats.metrics["loss"]))
             state.step = done = step + 1
@@ -124,7 +134,8 @@ def fit(run: Run) -> TrainResult:
             if stopping and rt.sharded:
                 raise UserError(f"stopped by {stop.requested or 'a signal'} after step {done}: mid-run checkpoints "
                                 "are not supported under FSDP or DeepSpeed yet, nothing was saved")
-            if ((cfg.save_steps and done % cfg.save_steps == 0 and done != state.total_steps) or stopping) and rt.main:
+            # with --save_steps the last step is checkpointed too: a larger --max_steps can continue the run
+            if ((cfg.save_steps and (done % cfg.save_steps == 0 or done == state.total_steps)) or stopping) and rt.main:
                 save_checkpoint(cfg.output_dir, done, run.policy, run.optimizer, run.scheduler, state.to_json(),
                                 keep=cfg.save_total_limit, reference=synced_reference(run),
                                 scaler=rt.accelerator.scaler)
@@ -160,18 +171,21 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     inputs = inputs or Inputs()
     require_inputs(cfg, inputs)
     runtime = start(cfg)
-    resume_from = check_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume)
+    plan = plan_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume, latest_checkpoint)
     runtime.processes.barrier()  # every process has checked the output dir before the main one writes to it
+    if plan.notice:
+        runtime.log(plan.notice)
     set_seed(cfg.seed)
     tokenizer = policy_tokenizer(cfg, inputs)
+    cfg = check_models(cfg, inputs, tokenizer, runtime.log)  # before the heavy work; lengths the models can take
     pairs = load_set(cfg, tokenizer, inputs.data, "data", runtime)
     eval_pairs = load_set(cfg, tokenizer, inputs.eval_data, "eval_data", runtime)
     policy = load_policy(cfg, inputs).to(runtime.device)
     weights = reference_weights(cfg, policy, inputs, runtime.device)
     body = policy.get_base_model() if is_lora(policy) else policy  # the Hugging Face model, LoRA layers injected
     live = [weights.model] if weights.kind == "model" and cfg.reference != "precomputed" else []
-    layout = choose_layout(cfg, [body, *live], pairs + (eval_pairs or []), tokenizer.pad_token_id, runtime.device,
-                           runtime.log, runtime.zero3)
+    layout = choose_layout(cfg, [body, *live], [pairs, *([eval_pairs] if eval_pairs else [])],
+                           tokenizer.pad_token_id, runtime.device, runtime.log, runtime.zero3)
     module = LogpsModule(body, layout)
     sets = {"train": pairs, **({"eval": eval_pairs} if eval_pairs else {})}
     references = build_reference(cfg, policy, module, weights, layout, tokenizer.pad_token_id, sets, runtime)
@@ -188,9 +202,9 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     runner, optimizer = runtime.prepare(module, optimizer)  # `policy` stays the model to save
     references = placed(references, runtime)  # a reference model is sharded like the policy, once it is prepared
     run = Run(cfg, runtime, tokenizer, pairs, eval_pairs, policy, runner, layout, references["train"],
-              references.get("eval"), optimizer, scheduler, state, resume_from,
+              references.get("eval"), optimizer, scheduler, state, plan,
               cfg.micro_batch_size or cfg.batch_size // world)
-    if resume_from:
+    if plan.resume_from:
         run.state = resume(run)
     return run
 
@@ -204,7 +218,7 @@ def require_inputs(cfg: Config, inputs: Inputs) -> None:
                         "datasets directory or a hub data set)", exit_code=2)
 
 
-def load_set(cfg: Config, tokenizer, in_memory, name: str, runtime: Runtime) -> list[TokenizedPair] | None:
+def load_set(cfg: Config, tokenizer, in_memory, name: str, runtime: Runtime) -> PairSet | None:
     """The tokenized pairs of `data` or `eval_data` (None when no eval data is given), with the summary line."""
     source = in_memory if in_memory is not None else getattr(cfg, name)
     if source is None or (isinstance(source, str) and not source):
@@ -213,7 +227,8 @@ def load_set(cfg: Config, tokenizer, in_memory, name: str, runtime: Runtime) -> 
     pairs, stats = load_pairs(source, split, tokenizer, fields=Fields(cfg.prompt_field, cfg.chosen_field,
                                                                       cfg.rejected_field),
                               max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                              on_bad_record=cfg.on_bad_record, name=name)
+                              on_bad_record=cfg.on_bad_record, name=name, cache_dir=data_cache_dir(cfg),
+                              processes=runtime.processes, progress=cfg.progress and runtime.main, log=runtime.log)
     runtime.log(stats.summary("train data" if name == "data" else "eval data"))
     return pairs
 
@@ -255,10 +270,11 @@ def synced_reference(run: Run):
 
 
 def resume(run: Run) -> TrainerState:
-    """Restore the weights, optimizer, scheduler and RNG from the latest checkpoint; return its trainer state."""
-    path, rt = run.resume_from, run.runtime
+    """Restore the weights, optimizer, scheduler and RNG from the latest checkpoint; return its trainer state.
+    A larger step count than the run had continues it, with the learning-rate schedule recomputed."""
+    path, rt, cfg = run.resume_from, run.runtime, run.cfg
     if rt.main:
-        clean_partial_checkpoints(run.cfg.output_dir)
+        clean_partial_checkpoints(cfg.output_dir)
     rt.processes.barrier()
     try:
         saved = load_checkpoint(path, run.policy, run.optimizer, run.scheduler, synced_reference(run),
@@ -266,14 +282,25 @@ def resume(run: Run) -> TrainerState:
     except (AssertionError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"--resume: {path} does not match this run's model or optimizer settings "
                         f"({str(e).splitlines()[0][:160]})", exit_code=2) from None
-    state = TrainerState.from_json(saved)
-    if (state.steps_per_epoch, state.total_steps) != (run.state.steps_per_epoch, run.state.total_steps):
-        raise UserError(f"--resume: {path} was written by a run with {state.total_steps} steps of "
-                        f"{state.steps_per_epoch} per epoch; this one has {run.state.total_steps} of "
-                        f"{run.state.steps_per_epoch}: resume with the same data, batch_size, epochs and max_steps",
-                        exit_code=2)
+    state, total = TrainerState.from_json(saved), run.state.total_steps
+    if state.steps_per_epoch != run.state.steps_per_epoch:
+        raise UserError(f"--resume: {path} was written by a run of {state.steps_per_epoch} steps per epoch; this one "
+                        f"has {run.state.steps_per_epoch}: resume with the same data and batch_size", exit_code=2)
+    if total < state.step:
+        raise UserError(f"--resume: {path} is at step {state.step}, past this run's {total} steps: give --max_steps "
+                        f"(or --epochs) of at least {state.step}", exit_code=2)
+    if total != state.total_steps:
+        rt.log(f"fastdpo: resuming a run of {state.total_steps} steps at step {state.step} to train to {total}: "
+               f"the learning-rate schedule is recomputed for {total} steps")
+        state.total_steps = total
+        for group, lr in zip(run.optimizer.param_groups, _scheduled_lrs(run.scheduler)):
+            group["lr"] = lr  # the next step's rate under the new schedule
     rt.log(f"fastdpo: resumed from {path} at step {state.step}")
     return state
+
+
+def _scheduled_lrs(scheduler) -> list[float]:
+    return [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
 
 
 # --- helpers of the loop --------------------------------------------------------------------------------------
@@ -348,23 +375,29 @@ def evaluate_now(run: Run, step: int, metrics_file) -> dict | None:
     run.module.eval()
     result = evaluate_pairs(run.module, run.eval_reference, run.eval_pairs, cfg, run.layout, run.pad_token_id,
                             cfg.eval_batch_size or run.micro_batch_size, rt,
-                            Processes() if rt.sharded else rt.processes)
+                            Processes() if rt.sharded else rt.processes, progress=cfg.progress and rt.main)
     run.module.train()
     metrics_file.write({"step": step, **{f"eval/{k}": v for k, v in result.metrics.items()}})
     return result.metrics
 
 
 def open_outputs(run: Run):
-    """The output directory for a fresh run (or the resumed one), its config.yaml, and the metrics file."""
-    cfg, rt = run.cfg, run.runtime
-    if rt.main:
-        if not run.resume_from:
-            prepare_fresh_output_dir(cfg.output_dir, cfg.overwrite)
-        print(cfg.to_yaml().rstrip(), file=sys.stderr)  # printed once set-up succeeded: a failure prints one line
-        atomic_write_text(os.path.join(cfg.output_dir, "config.yaml"), cfg.to_yaml())
-        return MetricsFile(os.path.join(cfg.output_dir, "metrics.jsonl"),
-                           resume_step=run.state.step if run.resume_from else None)
-    return NoMetricsFile()
+    """The output directory as the plan says (fastdpo's earlier files removed, or the resumed run's kept), its
+    config.yaml, and the metrics file."""
+    cfg, rt, out = run.cfg, run.runtime, run.cfg.output_dir
+    if not rt.main:
+        return NoMetricsFile()
+    if run.plan.clear:
+        remove_ours(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise write_error("the output directory", out, e) from None
+    claim(out, "config.yaml", "metrics.jsonl")
+    print(cfg.to_yaml().rstrip(), file=sys.stderr)  # printed once set-up succeeded: a failure prints one line
+    atomic_write_text(os.path.join(out, "config.yaml"), cfg.to_yaml())
+    return MetricsFile(os.path.join(out, "metrics.jsonl"), resume_step=run.state.step if run.resume_from else None,
+                       rewrite=atomic_write_text, failure=lambda e: write_error("metrics.jsonl", out, e))
 
 
 def eval_line(when: str, metrics: dict) -> str:
