@@ -10,6 +10,7 @@ others read.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import multiprocessing
@@ -136,7 +137,18 @@ def tokenize_source(source, split: str, tokenizer, settings: Settings, name: str
             parts.append(part)
             stats.merge(part_stats)
             bar.update(part_stats.records)
-    return PairSet.concat(parts), stats, workers
+    pairs = PairSet.concat(parts)
+    del parts
+    _return_freed_memory()
+    return pairs, stats, workers
+
+
+def _return_freed_memory() -> None:
+    """Give the heap that tokenization freed (the token lists, the chunks' arrays) back to the system: glibc keeps
+    it otherwise, and the training run after it would carry some 3 bytes a token more (measured at 50k pairs)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _splits_agree(records: list[Record], tokenizer) -> bool:

@@ -271,7 +271,8 @@ def encode_records(records: Sequence[Record], tokenizer, split_prompts: bool | N
 def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
     """`tokenizer(texts)["input_ids"]`. For a plain Hugging Face fast tokenizer the batch goes to its Rust backend
     directly, after one call through the tokenizer has set the backend's state (no truncation, no padding, its
-    special-token splitting), which is all the tokenizer's own call does before the same backend call."""
+    special-token splitting), which is all the tokenizer's own call does before the same backend call (here without
+    the character offsets, which are not used)."""
     if not texts:
         return []
     first = tokenizer(texts[:1], add_special_tokens=special, return_attention_mask=False)["input_ids"]
@@ -279,7 +280,8 @@ def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
     if len(texts) == 1 or not _plain_fast(tokenizer) or backend is None:
         return first + tokenizer(texts[1:], add_special_tokens=special, return_attention_mask=False)["input_ids"] \
             if len(texts) > 1 else first
-    return first + [e.ids for e in backend.encode_batch(texts[1:], add_special_tokens=special)]
+    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets (tokenizers 0.20+)
+    return first + [e.ids for e in encode_batch(texts[1:], add_special_tokens=special)]
 
 
 def _plain_fast(tokenizer) -> bool:
