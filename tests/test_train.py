@@ -218,6 +218,17 @@ def test_a_larger_max_steps_continues_a_finished_run_exactly(base, tmp_path, cap
     assert lrs[5] == pytest.approx(1e-3 * (1 - 3 / 5)) and lrs[4] == pytest.approx(1e-3 * (1 - 2 / 3))
 
 
+def test_more_epochs_continue_a_finished_run_exactly(base, tmp_path, capsys):
+    """24 pairs, batches of 8: one epoch is 3 steps; --epochs 2 on it resumes at step 3 and ends where a 2-epoch run
+    does, with the second epoch's shuffled order."""
+    flags = ["--max_steps", "0", "--lr_scheduler", "constant", "--warmup_steps", "0", "--save_steps", "3"]
+    run(base, tmp_path / "two", "--epochs", "2", *flags)
+    run(base, tmp_path / "cut", "--epochs", "1", *flags)
+    result = run(base, tmp_path / "cut", "--epochs", "2", *flags, "--resume")
+    assert "resuming a run of 3 steps at step 3 to train to 6" in capsys.readouterr().err and result.steps == 6
+    assert_same_weights(tmp_path / "two", tmp_path / "cut")
+
+
 def test_trainer_state_names_the_epoch_and_batch_of_its_last_step():
     from fastdpo.checkpoint import TrainerState
 
