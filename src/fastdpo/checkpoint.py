@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fastdpo.errors import UserError
-from fastdpo.outputs import (TEMPORARY, WriteError, atomic_directory, atomic_write_text, chmod_tree, claim, os_error,
-                             torch_save, write_error)
+from fastdpo.outputs import (TEMPORARY, WriteError, atomic_directory, atomic_write_text, chmod_tree, claim,
+                             finish_directory, os_error, torch_save, write_error)
 
 
 @dataclass
@@ -57,18 +57,93 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, sta
             if reference is not None:  # TR-DPO moves the reference: it is part of the training state
                 reference.save_pretrained(os.path.join(tmp, "reference"), safe_serialization=True)
             torch_save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            if scaler is not None:  # fp16 loss scale
-                torch_save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-            torch_save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-            torch_save(rng_state(), os.path.join(tmp, "rng.pt"))
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump(state, f, indent=1)
+            _save_rest(tmp, scheduler, state, scaler)
         atomic_write_text(os.path.join(root, LATEST), f"step-{step}\n", "the checkpoint pointer")
     except WriteError as e:
         last = f"the last complete checkpoint is {previous}" if previous else "no checkpoint was written before"
         raise WriteError(f"{e}; {last}") from None
     _prune(root, keep, current=f"step-{step}")
     return final
+
+
+SHARDED = "sharded"  # in a checkpoint written under FSDP: the weights and optimizer state, torch.distributed.checkpoint
+
+
+def save_sharded_checkpoint(output_dir: str, step: int, module, optimizer, scheduler, state: dict, processes,
+                            keep: int = 0, scaler=None) -> str:
+    """`save_checkpoint` under FSDP, called by every process: each writes its own shards of the weights and the
+    optimizer state (torch.distributed.checkpoint, which a run with another number of processes can read) into
+    the main process's temporary directory; the main process adds the rest, renames it into place and points
+    `latest` at it, as for one process. A failure on any process leaves the previous checkpoint, removes the
+    temporary directory and is the same one line on every process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = os.path.join(output_dir, "checkpoints")
+    final, previous = os.path.join(root, f"step-{step}"), latest_checkpoint(output_dir)
+    what = f"the checkpoint of step {step}"
+    tmp = failure = None
+    if processes.main:
+        try:
+            claim(output_dir, "checkpoints")
+            os.makedirs(root, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=root, prefix=f"{TEMPORARY}step-{step}-")
+        except OSError as e:
+            failure = str(write_error(what, root, e, None))
+    tmp, failure = processes.gather((tmp, failure))[0]
+    if failure is None:
+        model_state, optim_state = get_state_dict(module, optimizer)
+        try:
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(tmp, SHARDED))
+        except Exception as e:  # one process's failed write fails the save on every process
+            causes = [os_error(e)] + [os_error(getattr(f, "exc", f)) for f in getattr(e, "failures", {}).values()]
+            cause = next((c for c in causes if c is not None), None)
+            if cause is None:
+                raise
+            failure = str(write_error(what, root, cause, None))
+        failure = next((f for f in processes.gather(failure) if f), None)
+    if processes.main and failure is None:
+        try:
+            _save_rest(tmp, scheduler, state, scaler)
+            finish_directory(tmp, final)
+            atomic_write_text(os.path.join(root, LATEST), f"step-{step}\n", "the checkpoint pointer")
+        except WriteError as e:
+            failure = str(e)
+        except Exception as e:
+            if os_error(e) is None:
+                raise
+            failure = str(write_error(what, root, os_error(e), None))
+    if processes.main and failure is not None and tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+    failure = processes.gather(failure)[0]
+    if failure is not None:
+        last = f"the last complete checkpoint is {previous}" if previous else "no checkpoint was written before"
+        raise WriteError(f"{failure}; {last}")
+    if processes.main:
+        _prune(root, keep, current=f"step-{step}")
+    return final
+
+
+def _save_rest(folder: str, scheduler, state: dict, scaler=None) -> None:
+    """A checkpoint's schedule, RNG, loss-scale and trainer state files."""
+    if scaler is not None:  # fp16 loss scale
+        torch_save(scaler.state_dict(), os.path.join(folder, "scaler.pt"))
+    torch_save(scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
+    torch_save(rng_state(), os.path.join(folder, "rng.pt"))
+    with open(os.path.join(folder, "trainer_state.json"), "w") as f:
+        json.dump(state, f, indent=1)
+
+
+def load_sharded(path: str, module, optimizer) -> None:
+    """The weights and optimizer state of a checkpoint written under FSDP, into `module` and `optimizer` as this
+    run holds them (sharded over any number of processes, or whole in one)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=os.path.join(path, SHARDED))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def _nbytes(*objects) -> int:
@@ -108,13 +183,22 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return path if os.path.isfile(os.path.join(path, "trainer_state.json")) else None
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, reference=None, scaler=None) -> dict:
-    """Restore weights, optimizer, scheduler and RNG states; return the trainer state (step, epoch, ...)."""
-    load_weights(model, path)
+def load_checkpoint(path: str, model, optimizer, scheduler, reference=None, scaler=None, module=None,
+                    sharded: bool = False) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states; return the trainer state (step, epoch, ...).
+    `module`: the training module around `model` (the one FSDP shards); `sharded`: this run shards it."""
+    if os.path.isdir(os.path.join(path, SHARDED)):
+        load_sharded(path, module, optimizer)
+    elif sharded:
+        raise UserError(f"--resume: {path} was written without FSDP; resume it with DDP or one process (FSDP "
+                        "resumes the checkpoints written under FSDP, with any number of processes)", exit_code=2)
+    else:
+        load_weights(model, path)
+        # map to CPU first: rank 0 wrote them from its device, and every process of a multi-GPU resume reads them
+        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu",
+                                             weights_only=True))
     if reference is not None:
         load_weights(reference, os.path.join(path, "reference"))
-    # map to CPU first: rank 0 wrote them from its device, and every process of a multi-GPU resume reads them
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), map_location="cpu", weights_only=True))
     set_rng_state(torch.load(os.path.join(path, "rng.pt"), map_location="cpu", weights_only=True))
     if scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):

@@ -91,6 +91,10 @@ class Config:
     precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "fp32, bf16 or fp16: mixed precision via autocast, "
                                                             "weights and log-softmax in fp32 (fp16: CUDA only)",
                                                     eval=True)
+    strategy: Literal["auto", "ddp", "fsdp"] = opt(
+        "auto", "how several processes share the work: ddp (every process holds the whole model) or fsdp (FSDP2: "
+                "weights, gradients and optimizer state sharded); auto: what the accelerate config launched (FSDP or "
+                "DeepSpeed), else ddp. One process ignores it")
     # --- outputs ------------------------------------------------------------------------------------------------
     output_dir: str = opt("fastdpo-output", "where the model, config, metrics and checkpoints go")
     overwrite: bool = opt(False, "allow a non-empty output_dir (its old contents go once data and models have "

@@ -124,11 +124,7 @@ def atomic_directory(path: str, what: str, needed: int | None = None):
         os.makedirs(root, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=root, prefix=TEMPORARY + os.path.basename(path) + "-")
         yield tmp
-        _fsync_tree(tmp)
-        _chmod_tree(tmp)
-        if os.path.lexists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        finish_directory(tmp, path)
     except BaseException as e:
         failure = _failure(e, tmp, what, root, needed)
         if failure is e:
@@ -152,6 +148,16 @@ def _remove(path: str | None) -> None:
     else:
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+def finish_directory(tmp: str, path: str) -> None:
+    """A directory written at `tmp` put in place as `path`: synced to disk, given the umask's modes, renamed (a
+    stale `path` is removed first)."""
+    _fsync_tree(tmp)
+    _chmod_tree(tmp)
+    if os.path.lexists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
 
 
 def _fsync_tree(path: str) -> None:

@@ -7,12 +7,13 @@ group accelerate initialised (gloo on CPU, NCCL on GPU).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -78,6 +79,7 @@ class Runtime:
     accelerator: object  # accelerate.Accelerator
     processes: Processes
     strategy: str  # "single", "ddp", "fsdp" or "deepspeed"
+    fsdp_options: dict = field(default_factory=dict)  # under FSDP: reshard_after_forward
 
     @property
     def device(self) -> torch.device:
@@ -106,25 +108,55 @@ class Runtime:
         return self.accelerator.autocast()
 
     def prepare(self, module, optimizer):
-        """The training module and optimizer wrapped for the strategy (DDP / FSDP / DeepSpeed act in its forward)."""
+        """The training module and optimizer wrapped for the strategy (DDP / FSDP / DeepSpeed act in its forward).
+        FSDP2 is applied here, not by accelerate (which runs it on GPUs only): the same code on CPU (gloo) and GPUs
+        (NCCL)."""
+        if self.strategy == "fsdp":
+            module, optimizer = self._fully_shard(module, optimizer)
+            local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in module.parameters())
+            total = sum(p.numel() for p in module.parameters())
+            self.log(f"fastdpo: FSDP2 over {self.processes.world} processes: the weights, gradients and optimizer "
+                     f"state are sharded ({local / total:.1%} of the {total:,} weights on the main process)")
+            return module, optimizer
         with warnings.catch_warnings():  # torch >= 2.10 renames DDP's broadcast_buffers; accelerate passes the old one
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
             return self.accelerator.prepare(module, optimizer)
+
+    def _fully_shard(self, module, optimizer=None):
+        """FSDP2 in place: a unit per decoder layer (the model's `_no_split_modules`) plus the root, which holds the
+        rest (embeddings, final norm, lm_head). The weights stay float32, sharded, and are gathered whole for a
+        layer's forward; `--precision bf16` computes under autocast as in one process, so the policy and its
+        reference see the same numerics and the log-probs come out in float32 (a bf16 `MixedPrecisionPolicy`
+        would round the summed log-probs to bf16). `optimizer`, built over the unsharded parameters, gets the
+        sharded ones in their place (it has taken no step yet)."""
+        from torch.distributed.fsdp import fully_shard
+
+        names = {id(p): name for name, p in module.named_parameters()}
+        layers = set(module._no_split_modules or ())
+        reshard = self.fsdp_options["reshard_after_forward"]
+        for sub in module.modules():
+            if type(sub).__name__ in layers:
+                fully_shard(sub, reshard_after_forward=reshard)
+        fully_shard(module, reshard_after_forward=reshard)
+        if optimizer is not None:
+            sharded = dict(module.named_parameters())
+            for group in optimizer.param_groups:
+                group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+        return module, optimizer
+
+    def no_sync(self, module, last_micro_batch: bool):
+        """Where a micro-batch's gradients wait for the step's last (DDP); FSDP reduce-scatters every micro-batch,
+        which keeps only the sharded gradients."""
+        if last_micro_batch or self.strategy == "fsdp":
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(module)
 
     def shard_frozen(self, module):
         """A frozen module (a reference model's) placed like the policy, without an optimizer: FSDP shards it too
         and DeepSpeed ZeRO-3 runs it as an inference engine (other ZeRO stages hold it whole). DDP has nothing to
         synchronise in a frozen model, so there and in one process it stays as it is."""
         if self.strategy == "fsdp":
-            if self.accelerator.is_fsdp2:  # accelerate shards FSDP2 models only with an optimizer: shard it here,
-                from torch.distributed.fsdp import fully_shard  # a unit per decoder layer plus the root, as the policy
-
-                layers = set(module._no_split_modules or ())
-                for sub in module.modules():
-                    if type(sub).__name__ in layers:
-                        fully_shard(sub)
-                return fully_shard(module)
-            return self.accelerator.prepare_model(module)
+            return self._fully_shard(module)[0]
         if self.strategy == "deepspeed":
             import deepspeed
 
@@ -142,6 +174,9 @@ class Runtime:
     def clip_grad_norm(self, module, max_grad_norm: float) -> float:
         """Clip the global gradient norm (when max_grad_norm > 0) and return the norm before clipping."""
         params = [p for p in module.parameters() if p.grad is not None]
+        if self.strategy == "fsdp":  # the gradients are DTensor shards: torch's clip reduces their norm
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(params, max_grad_norm)
             return 0.0 if norm is None else float(norm)  # None: DeepSpeed clips inside its own step
@@ -154,27 +189,48 @@ class Runtime:
         call this. None where the model holds its own weights whole."""
         if not self.sharded:
             return None
-        state = self.accelerator.get_state_dict(module)
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            state = state if self.main else None
+        else:
+            state = self.accelerator.get_state_dict(module)
         return {key.removeprefix("model."): value for key, value in state.items()} if state else state
 
 
 def start(cfg: Config) -> Runtime:
     """The accelerator with the config's mixed precision, and the strategy it was launched with. What a strategy
     cannot run is refused in one line; none silently becomes another."""
-    accelerator = _accelerator(cfg.precision)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    wanted = launch_strategy(cfg, world)
+    accelerator = _accelerator(cfg.precision, hide_fsdp=wanted == "fsdp")
     kind = accelerator.distributed_type
-    if kind.name in ("NO", "FSDP", "DEEPSPEED") or kind.name.startswith("MULTI_"):
-        strategy = {"NO": "single", "FSDP": "fsdp", "DEEPSPEED": "deepspeed"}.get(kind.name, "ddp")
+    if wanted == "deepspeed" and kind.name != "DEEPSPEED":
+        raise UserError("DeepSpeed: accelerate runs DeepSpeed on GPUs only, so on CPU these processes would train "
+                        "with DDP instead; use configs/accelerate/ddp.yaml or fsdp.yaml (or --strategy fsdp)",
+                        exit_code=2)
+    if kind.name in ("NO", "DEEPSPEED") or kind.name.startswith("MULTI_"):
+        strategy = {"NO": "single", "DEEPSPEED": "deepspeed"}.get(kind.name, "ddp")
     else:
         raise UserError(f"accelerate's {kind.value} launch is not supported; use DDP, FSDP or DeepSpeed "
                         "(configs/accelerate/)", exit_code=2)
-    runtime = Runtime(accelerator, Processes.current(), strategy)
+    if wanted == "fsdp":
+        strategy = "fsdp"
+    if world == 1 and cfg.strategy != "auto" and Processes.current().main:
+        print(f"fastdpo: --strategy {cfg.strategy}: one process holds the whole model; launch 2 or more (torchrun "
+              "--nproc_per_node N, or accelerate launch) to share the work", file=sys.stderr)
+    runtime = Runtime(accelerator, Processes.current(), strategy, fsdp_options() if strategy == "fsdp" else {})
     if runtime.sharded:
-        for flag, value in (("--save_steps", cfg.save_steps), ("--resume", cfg.resume), ("--lora_r", cfg.lora_r),
-                            ("--adapter", cfg.adapter), ("--ref_sync_steps", cfg.ref_sync_steps)):
+        checkpoints = strategy == "deepspeed"  # FSDP writes sharded checkpoints
+        for flag, value in (("--save_steps", checkpoints and cfg.save_steps), ("--resume", checkpoints and cfg.resume),
+                            ("--lora_r", cfg.lora_r), ("--adapter", cfg.adapter),
+                            ("--ref_sync_steps", cfg.ref_sync_steps)):
             if value:
-                raise UserError(f"{flag}: not supported under {kind.value} yet (checkpoints, LoRA and TR-DPO run "
-                                "with DDP or one process)", exit_code=2)
+                name = "FSDP" if strategy == "fsdp" else "DeepSpeed"
+                what = "LoRA and TR-DPO run" if strategy == "fsdp" else "checkpoints, LoRA and TR-DPO run"
+                raise UserError(f"{flag}: not supported under {name} yet ({what} with DDP or one process)",
+                                exit_code=2)
     if strategy == "deepspeed":
         share = cfg.batch_size // accelerator.num_processes
         if cfg.micro_batch_size and cfg.micro_batch_size != share:
@@ -186,9 +242,43 @@ def start(cfg: Config) -> Runtime:
     return runtime
 
 
-def _accelerator(precision: str):
+def launch_strategy(cfg: Config, world: int) -> str:
+    """The strategy asked for: `--strategy`, or with `auto` the accelerate config the processes were launched
+    with (`accelerate launch` passes it in the environment): "single", "ddp", "fsdp" or "deepspeed"."""
+    env = lambda name: os.environ.get(name, "false").lower() == "true"  # noqa: E731
+    launched = "fsdp" if env("ACCELERATE_USE_FSDP") else "deepspeed" if env("ACCELERATE_USE_DEEPSPEED") else None
+    if world == 1:
+        return "single"
+    if cfg.strategy == "auto":
+        return launched or "ddp"
+    if launched and launched != cfg.strategy:
+        raise UserError(f"--strategy {cfg.strategy}: the processes were launched with an accelerate config for "
+                        f"{'FSDP' if launched == 'fsdp' else 'DeepSpeed'}; drop the flag or launch with "
+                        f"configs/accelerate/{cfg.strategy}.yaml", exit_code=2)
+    return cfg.strategy
+
+
+def fsdp_options() -> dict:
+    """The FSDP settings of the accelerate config (its `fsdp_config`, passed in the environment), as FSDP2 takes
+    them; settings fastdpo does not apply are refused rather than ignored."""
+    env = lambda name, default: os.environ.get(name, default).lower()  # noqa: E731
+    if env("FSDP_VERSION", "2") != "2":
+        raise UserError("fsdp_config: fsdp_version 1 is not supported; fastdpo shards with FSDP2 (fsdp_version: 2, "
+                        "as configs/accelerate/fsdp.yaml)", exit_code=2)
+    if env("FSDP_OFFLOAD_PARAMS", "false") == "true":
+        raise UserError("fsdp_config: fsdp_offload_params is not supported yet; set it to false", exit_code=2)
+    sharding = env("FSDP_SHARDING_STRATEGY", "full_shard")
+    if sharding not in ("full_shard", "1"):
+        raise UserError(f"fsdp_config: fsdp_sharding_strategy {sharding.upper()} is not supported yet; fastdpo "
+                        "shards fully (FULL_SHARD)", exit_code=2)
+    return {"reshard_after_forward": env("FSDP_RESHARD_AFTER_FORWARD", "true") in ("true", "1")}
+
+
+def _accelerator(precision: str, hide_fsdp: bool = False):
     """An Accelerator with this mixed precision. accelerate keeps one process-wide state; a library user who
-    trains twice with different precisions gets its precision part reset (the process group stays)."""
+    trains twice with different precisions gets its precision part reset (the process group stays). With
+    `hide_fsdp` accelerate sets up plain data-parallel processes and fastdpo applies FSDP2 itself (accelerate
+    would refuse it on CPU)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -200,18 +290,20 @@ def _accelerator(precision: str):
     # involves no other process, so processes may run different numbers of no-grad forwards (eval shards)
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
     world, device = int(os.environ.get("WORLD_SIZE", "1")), _has_accelerator_device()
-    if world > 1 and not device and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise UserError("FSDP: accelerate runs FSDP on GPUs only; on CPU use configs/accelerate/ddp.yaml (or torchrun)",
-                        exit_code=2)
     # under a bare `torchrun` accelerate treats several processes without a GPU as one unless told they are CPU
     # processes
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     kwargs = dict(mixed_precision=mixed, kwargs_handlers=handlers, cpu=world > 1 and not device)
+    saved = os.environ.pop("ACCELERATE_USE_FSDP", None) if hide_fsdp else None
     try:
-        accelerator = Accelerator(**kwargs)
-    except ValueError:
-        AcceleratorState._reset_state(reset_partial_state=False)
-        accelerator = Accelerator(**kwargs)
+        try:
+            accelerator = Accelerator(**kwargs)
+        except ValueError:
+            AcceleratorState._reset_state(reset_partial_state=False)
+            accelerator = Accelerator(**kwargs)
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
     if accelerator.num_processes != world:  # they would each train alone and overwrite each other's output
         raise UserError(f"{world} processes were launched but accelerate set up {accelerator.num_processes} "
                         f"({accelerator.distributed_type.value}); launch with torchrun or a config of "

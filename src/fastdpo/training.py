@@ -16,7 +16,7 @@ import torch
 
 from fastdpo.batching import Layout, batch_order
 from fastdpo.checkpoint import (TrainerState, clean_partial_checkpoints, latest_checkpoint, load_checkpoint,
-                                save_checkpoint, save_final)
+                                save_checkpoint, save_final, save_sharded_checkpoint)
 from fastdpo.config import Config
 from fastdpo.data import Fields
 from fastdpo.errors import UserError
@@ -106,7 +106,7 @@ def fit(run: Run) -> TrainResult:
                 chunk_pairs = [pairs[i] for i in chunk]
                 batch = run.layout.collate(chunk_pairs, run.pad_token_id).to(rt.device)
                 last_micro = k == len(micro_batches) - 1
-                sync = contextlib.nullcontext() if last_micro else rt.accelerator.no_sync(run.module)
+                sync = rt.no_sync(run.module, last_micro)
                 with sync, rt.autocast():
                     scored = score_batch(run.module, run.reference, batch, chunk, cfg)
                     rt.accelerator.backward(scored.losses.sum() * scale)
@@ -131,11 +131,16 @@ def fit(run: Run) -> TrainResult:
                 if result and rt.main:
                     bar.write(eval_line(f"step {done}: eval", result))
             stopping = stats.stop_requested and done != state.total_steps  # every process stops after this step
-            if stopping and rt.sharded:
+            if stopping and rt.strategy == "deepspeed":
                 raise UserError(f"stopped by {stop.requested or 'a signal'} after step {done}: mid-run checkpoints "
                                 "are not supported under FSDP or DeepSpeed yet, nothing was saved")
             # with --save_steps the last step is checkpointed too: a larger --max_steps can continue the run
-            if ((cfg.save_steps and (done % cfg.save_steps == 0 or done == state.total_steps)) or stopping) and rt.main:
+            saving = (cfg.save_steps and (done % cfg.save_steps == 0 or done == state.total_steps)) or stopping
+            if saving and rt.strategy == "fsdp":  # every process writes its shards
+                save_sharded_checkpoint(cfg.output_dir, done, run.module, run.optimizer, run.scheduler,
+                                        state.to_json(), rt.processes, keep=cfg.save_total_limit,
+                                        scaler=rt.accelerator.scaler)
+            elif saving and rt.main:
                 save_checkpoint(cfg.output_dir, done, run.policy, run.optimizer, run.scheduler, state.to_json(),
                                 keep=cfg.save_total_limit, reference=synced_reference(run),
                                 scaler=rt.accelerator.scaler)
@@ -278,7 +283,7 @@ def resume(run: Run) -> TrainerState:
     rt.processes.barrier()
     try:
         saved = load_checkpoint(path, run.policy, run.optimizer, run.scheduler, synced_reference(run),
-                                scaler=rt.accelerator.scaler)
+                                scaler=rt.accelerator.scaler, module=run.module, sharded=rt.strategy == "fsdp")
     except (AssertionError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"--resume: {path} does not match this run's model or optimizer settings "
                         f"({str(e).splitlines()[0][:160]})", exit_code=2) from None
