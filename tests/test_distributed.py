@@ -212,6 +212,33 @@ def test_kill_9_under_fsdp_then_resume_equals_the_uninterrupted_run(base, single
     assert_same_weights(single, out, atol=ATOL)
 
 
+def test_sigterm_under_fsdp_writes_a_sharded_checkpoint_that_resumes(base, tmp_path):
+    """torchrun passes SIGTERM to its workers: they finish the step, write their shards, and stop together."""
+    import signal
+    import time
+
+    out = tmp_path / "t"
+    root, model, data = base
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastdpo",
+            "train", "--model", model, "--data", data, "--output_dir", str(out), *FLAGS, "--strategy", "fsdp",
+            "--max_steps", "300"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").is_file() and '"loss"' in (out / "metrics.jsonl").read_text()) \
+            and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert "SIGTERM: stopped after step" in err, err[-2000:]
+    step = int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    assert 0 < step < 300 and (out / "checkpoints" / f"step-{step}" / "sharded" / ".metadata").is_file()
+    assert not (out / "model.safetensors").exists()
+    result = launch(base, out, 2, "--strategy", "fsdp", "--max_steps", str(step + 2), "--resume")
+    assert f"resumed from {out}/checkpoints/step-{step} at step {step}" in result.stderr
+    assert (out / "model.safetensors").is_file()
+
+
 def test_a_strategy_that_cannot_run_says_so(base, tmp_path):
     fsdp1 = tmp_path / "fsdp1.yaml"
     fsdp1.write_text(open(os.path.join(CONFIGS, "fsdp.yaml")).read().replace("fsdp_version: 2", "fsdp_version: 1"))
