@@ -137,6 +137,7 @@ def test_fsdp_shards_and_equals_one_process(base, single, tmp_path, launcher, re
     results = [json.load(open(os.path.join(out, "results.json"))) for out in (single, tmp_path / "f")]
     for when in ("eval_before", "eval_after"):
         assert results[1][when]["loss"] == pytest.approx(results[0][when]["loss"], rel=1e-5)
+    assert [line["step"] for line in train_lines(tmp_path / "f")] == [1, 2, 3]
     for a, b in zip(train_lines(single), train_lines(tmp_path / "f")):
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
@@ -239,12 +240,33 @@ def test_sigterm_under_fsdp_writes_a_sharded_checkpoint_that_resumes(base, tmp_p
     assert (out / "model.safetensors").is_file()
 
 
+def test_a_full_disk_at_a_sharded_checkpoint_is_one_line_on_every_process(base, tmp_path):
+    """A file-size limit (EFBIG) below one process's shard file: the save fails on the processes that hit it, every
+    process stops with the same line, and no temporary directory is left."""
+    import resource
+
+    out = tmp_path / "full"
+    root, model, data = base
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastdpo",
+            "train", "--model", model, "--data", data, "--output_dir", str(out), *FLAGS, "--strategy", "fsdp",
+            "--save_steps", "1", "--data_cache_dir", "off"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))  # noqa: E731  shards: ~0.5 MB
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("fastdpo: error:")]
+    assert result.returncode != 0 and len(lines) == 2 and lines[0] == lines[1], result.stderr[-3000:]
+    assert "could not write the checkpoint of step 1" in lines[0] and "file-size limit" in lines[0]
+    assert "no checkpoint was written before" in lines[0] and "CheckpointException" not in result.stderr
+    assert not [n for r, d, f in os.walk(out) for n in d + f if n.startswith(".tmp-")]
+
+
 def test_a_strategy_that_cannot_run_says_so(base, tmp_path):
     fsdp1 = tmp_path / "fsdp1.yaml"
     fsdp1.write_text(open(os.path.join(CONFIGS, "fsdp.yaml")).read().replace("fsdp_version: 2", "fsdp_version: 1"))
-    cases = [(["--strategy", "ddp"], "fsdp.yaml", "--strategy ddp: the processes were launched with an accelerate "
+    cases = [(["--precision", "fp16"], "fsdp.yaml", "--precision"),  # fp16 needs CUDA; under FSDP it is refused too
+             (["--strategy", "ddp"], "fsdp.yaml", "--strategy ddp: the processes were launched with an accelerate "
                                                  "config for FSDP"),
-             ([], str(fsdp1), "fsdp_version 1 is not supported; fastdpo shards with FSDP2"),
+             ([], str(fsdp1), "fsdp_version 1 is not supported yet; fastdpo shards with FSDP2"),
              (["--lora_r", "4"], "fsdp.yaml", "--lora_r: not supported under FSDP yet")]
     try:
         import deepspeed  # noqa: F401  accelerate's launcher needs it to read a DeepSpeed config
@@ -257,6 +279,12 @@ def test_a_strategy_that_cannot_run_says_so(base, tmp_path):
         result = launch(base, tmp_path / f"o{i}", 2, *flags, config=config, expect_code=1)  # torchrun's code
         assert message in result.stderr, result.stderr[-2000:]
         assert not (tmp_path / f"o{i}").exists()
+    launch(base, tmp_path / "ddp", 2, "--save_steps", "1", "--max_steps", "1")  # a checkpoint without FSDP
+    before = sorted(os.listdir(tmp_path / "ddp" / "checkpoints" / "step-1"))
+    result = launch(base, tmp_path / "ddp", 2, "--save_steps", "1", "--max_steps", "2", "--resume", config="fsdp.yaml",
+                    expect_code=1)
+    assert "was written without FSDP; resume it with DDP or one process" in result.stderr, result.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "ddp" / "checkpoints" / "step-1")) == before
 
 
 @pytest.mark.skipif(GPUS < 2, reason="DeepSpeed ZeRO needs 2 GPUs and `pip install deepspeed`")

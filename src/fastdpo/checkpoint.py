@@ -75,47 +75,57 @@ def save_sharded_checkpoint(output_dir: str, step: int, module, optimizer, sched
     optimizer state (torch.distributed.checkpoint, which a run with another number of processes can read) into
     the main process's temporary directory; the main process adds the rest, renames it into place and points
     `latest` at it, as for one process. A failure on any process leaves the previous checkpoint, removes the
-    temporary directory and is the same one line on every process."""
+    temporary directory and is the same one line on every process (every process makes the same collective
+    calls on every path)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     root = os.path.join(output_dir, "checkpoints")
     final, previous = os.path.join(root, f"step-{step}"), latest_checkpoint(output_dir)
     what = f"the checkpoint of step {step}"
-    tmp = failure = None
+    tmp = failure = error = None
+
+    def failed(e: BaseException) -> str:
+        """The one line for a failed write; a failure that is not the system's is kept to be raised on main."""
+        nonlocal error
+        if isinstance(e, WriteError):
+            return str(e)
+        causes = [os_error(e)] + [os_error(f[0] if isinstance(f, tuple) else f)
+                                  for f in getattr(e, "failures", {}).values()]
+        cause = next((c for c in causes if c is not None), None)
+        if cause is None:
+            error = e
+            return f"{what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        return str(write_error(what, root, cause, None))
+
     if processes.main:
         try:
             claim(output_dir, "checkpoints")
             os.makedirs(root, exist_ok=True)
             tmp = tempfile.mkdtemp(dir=root, prefix=f"{TEMPORARY}step-{step}-")
-        except OSError as e:
-            failure = str(write_error(what, root, e, None))
+        except (OSError, WriteError) as e:
+            failure = failed(e)
     tmp, failure = processes.gather((tmp, failure))[0]
     if failure is None:
         model_state, optim_state = get_state_dict(module, optimizer)
         try:
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(tmp, SHARDED))
-        except Exception as e:  # one process's failed write fails the save on every process
-            causes = [os_error(e)] + [os_error(getattr(f, "exc", f)) for f in getattr(e, "failures", {}).values()]
-            cause = next((c for c in causes if c is not None), None)
-            if cause is None:
-                raise
-            failure = str(write_error(what, root, cause, None))
+        except (Exception, CheckpointException) as e:  # dcp raises the same on every process
+            failure = failed(e)
         failure = next((f for f in processes.gather(failure) if f), None)
     if processes.main and failure is None:
         try:
             _save_rest(tmp, scheduler, state, scaler)
             finish_directory(tmp, final)
             atomic_write_text(os.path.join(root, LATEST), f"step-{step}\n", "the checkpoint pointer")
-        except WriteError as e:
-            failure = str(e)
         except Exception as e:
-            if os_error(e) is None:
-                raise
-            failure = str(write_error(what, root, os_error(e), None))
+            failure = failed(e)
     if processes.main and failure is not None and tmp:
         shutil.rmtree(tmp, ignore_errors=True)
     failure = processes.gather(failure)[0]
+    if error is not None:
+        raise error  # a bug, not a full disk: its traceback, after every process has left the collectives
     if failure is not None:
         last = f"the last complete checkpoint is {previous}" if previous else "no checkpoint was written before"
         raise WriteError(f"{failure}; {last}")

@@ -132,9 +132,9 @@ class Runtime:
         from torch.distributed.fsdp import fully_shard
 
         names = {id(p): name for name, p in module.named_parameters()}
-        layers = set(module._no_split_modules or ())
+        layers = set(self.fsdp_options.get("layers") or module._no_split_modules or ())
         reshard = self.fsdp_options["reshard_after_forward"]
-        for sub in module.modules():
+        for sub in reversed(list(module.modules())):  # inner units first, should layer classes nest
             if type(sub).__name__ in layers:
                 fully_shard(sub, reshard_after_forward=reshard)
         fully_shard(module, reshard_after_forward=reshard)
@@ -204,7 +204,8 @@ def start(cfg: Config) -> Runtime:
     cannot run is refused in one line; none silently becomes another."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     wanted = launch_strategy(cfg, world)
-    accelerator = _accelerator(cfg.precision, hide_fsdp=wanted == "fsdp")
+    launched_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    accelerator = _accelerator(cfg.precision, hide_fsdp=wanted == "fsdp" or launched_fsdp)
     kind = accelerator.distributed_type
     if wanted == "deepspeed" and kind.name != "DEEPSPEED":
         raise UserError("DeepSpeed: accelerate runs DeepSpeed on GPUs only, so on CPU these processes would train "
@@ -217,6 +218,8 @@ def start(cfg: Config) -> Runtime:
                         "(configs/accelerate/)", exit_code=2)
     if wanted == "fsdp":
         strategy = "fsdp"
+        if cfg.precision == "fp16":  # the raw optimizer would need the grad scaler's unscale and inf checks by hand
+            raise UserError("--precision fp16: not supported under FSDP yet; use --precision bf16", exit_code=2)
     if world == 1 and cfg.strategy != "auto" and Processes.current().main:
         print(f"fastdpo: --strategy {cfg.strategy}: one process holds the whole model; launch 2 or more (torchrun "
               "--nproc_per_node N, or accelerate launch) to share the work", file=sys.stderr)
@@ -261,17 +264,37 @@ def launch_strategy(cfg: Config, world: int) -> str:
 def fsdp_options() -> dict:
     """The FSDP settings of the accelerate config (its `fsdp_config`, passed in the environment), as FSDP2 takes
     them; settings fastdpo does not apply are refused rather than ignored."""
-    env = lambda name, default: os.environ.get(name, default).lower()  # noqa: E731
+    env = lambda name, default="": os.environ.get(name, default).strip().lower()  # noqa: E731
+
+    def switch(name: str, default: bool) -> bool:
+        value = env(name, str(default))
+        if value in ("true", "1", "yes", "on"):
+            return True
+        if value in ("false", "0", "no", "off"):
+            return False
+        raise UserError(f"fsdp_config: {name.removeprefix('FSDP_').lower()}: {value!r} is not true or false",
+                        exit_code=2)
+
+    def refuse(setting: str, why: str):
+        raise UserError(f"fsdp_config: {setting} is not supported yet; {why}", exit_code=2)
+
     if env("FSDP_VERSION", "2") != "2":
-        raise UserError("fsdp_config: fsdp_version 1 is not supported; fastdpo shards with FSDP2 (fsdp_version: 2, "
-                        "as configs/accelerate/fsdp.yaml)", exit_code=2)
-    if env("FSDP_OFFLOAD_PARAMS", "false") == "true":
-        raise UserError("fsdp_config: fsdp_offload_params is not supported yet; set it to false", exit_code=2)
-    sharding = env("FSDP_SHARDING_STRATEGY", "full_shard")
-    if sharding not in ("full_shard", "1"):
-        raise UserError(f"fsdp_config: fsdp_sharding_strategy {sharding.upper()} is not supported yet; fastdpo "
-                        "shards fully (FULL_SHARD)", exit_code=2)
-    return {"reshard_after_forward": env("FSDP_RESHARD_AFTER_FORWARD", "true") in ("true", "1")}
+        refuse("fsdp_version 1", "fastdpo shards with FSDP2 (fsdp_version: 2, as configs/accelerate/fsdp.yaml)")
+    if switch("FSDP_OFFLOAD_PARAMS", False):
+        refuse("fsdp_offload_params", "set it to false")
+    if switch("FSDP_CPU_RAM_EFFICIENT_LOADING", False):
+        refuse("fsdp_cpu_ram_efficient_loading", "set it to false (every process loads the model, then shards it)")
+    if switch("FSDP_ACTIVATION_CHECKPOINTING", False):
+        refuse("fsdp_activation_checkpointing", "set it to false and pass --gradient_checkpointing true")
+    if env("FSDP_SHARDING_STRATEGY", "full_shard") not in ("full_shard", "1"):
+        refuse(f"fsdp_sharding_strategy {env('FSDP_SHARDING_STRATEGY').upper()}", "fastdpo shards fully (FULL_SHARD)")
+    if env("FSDP_AUTO_WRAP_POLICY", "transformer_based_wrap") not in ("transformer_based_wrap", ""):
+        refuse(f"fsdp_auto_wrap_policy {env('FSDP_AUTO_WRAP_POLICY').upper()}",
+               "fastdpo wraps each decoder layer (TRANSFORMER_BASED_WRAP)")
+    if env("FSDP_IGNORED_MODULES"):
+        refuse("fsdp_ignored_modules", "remove it")
+    layers = [name.strip() for name in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if name.strip()]
+    return {"reshard_after_forward": switch("FSDP_RESHARD_AFTER_FORWARD", True), "layers": layers or None}
 
 
 def _accelerator(precision: str, hide_fsdp: bool = False):

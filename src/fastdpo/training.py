@@ -277,6 +277,8 @@ def synced_reference(run: Run):
 def resume(run: Run) -> TrainerState:
     """Restore the weights, optimizer, scheduler and RNG from the latest checkpoint; return its trainer state.
     A larger step count than the run had continues it, with the learning-rate schedule recomputed."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     path, rt, cfg = run.resume_from, run.runtime, run.cfg
     if rt.main:
         clean_partial_checkpoints(cfg.output_dir)
@@ -284,7 +286,7 @@ def resume(run: Run) -> TrainerState:
     try:
         saved = load_checkpoint(path, run.policy, run.optimizer, run.scheduler, synced_reference(run),
                                 scaler=rt.accelerator.scaler, module=run.module, sharded=rt.strategy == "fsdp")
-    except (AssertionError, ValueError, KeyError, RuntimeError) as e:
+    except (AssertionError, ValueError, KeyError, RuntimeError, CheckpointException) as e:
         raise UserError(f"--resume: {path} does not match this run's model or optimizer settings "
                         f"({str(e).splitlines()[0][:160]})", exit_code=2) from None
     state, total = TrainerState.from_json(saved), run.state.total_steps
