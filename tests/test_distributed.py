@@ -181,6 +181,13 @@ def test_fsdp_checkpoints_are_sharded_and_resume_exactly_with_any_number_of_proc
     launch(base, out, 2, "--eval_data", base[2], "--save_steps", "1", "--save_total_limit", "0", config="fsdp.yaml")
     shards = sorted(os.listdir(out / "checkpoints" / "step-1" / "sharded"))
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each process wrote its own shards
+    from fastdpo.checkpoint import missing_shards
+
+    step2 = out / "checkpoints" / "step-2" / "sharded"
+    assert missing_shards(str(step2)) == []
+    os.rename(step2 / "__1_0.distcp", tmp_path / "elsewhere")  # as if process 1 had written on another machine
+    assert missing_shards(str(step2)) == ["__1_0.distcp"]
+    os.rename(tmp_path / "elsewhere", step2 / "__1_0.distcp")
     assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".tmp")]
     cut_to(out, 1)
     shutil.copytree(out, tmp_path / "one")

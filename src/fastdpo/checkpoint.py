@@ -116,9 +116,16 @@ def save_sharded_checkpoint(output_dir: str, step: int, module, optimizer, sched
         failure = next((f for f in processes.gather(failure) if f), None)
     if processes.main and failure is None:
         try:
+            missing = missing_shards(os.path.join(tmp, SHARDED))
+            if missing:  # written elsewhere: another machine's file system, not the one main renames on
+                failure = (f"{what}: the shard files {', '.join(missing[:3])} are not in {tmp} (the processes of a "
+                           "run on several machines need an --output_dir on a file system they share)")
+                raise _Incomplete
             _save_rest(tmp, scheduler, state, scaler)
             finish_directory(tmp, final)
             atomic_write_text(os.path.join(root, LATEST), f"step-{step}\n", "the checkpoint pointer")
+        except _Incomplete:
+            pass
         except Exception as e:
             failure = failed(e)
     if processes.main and failure is not None and tmp:
@@ -132,6 +139,19 @@ def save_sharded_checkpoint(output_dir: str, step: int, module, optimizer, sched
     if processes.main:
         _prune(root, keep, current=f"step-{step}")
     return final
+
+
+class _Incomplete(Exception):
+    """A sharded checkpoint without every process's files."""
+
+
+def missing_shards(folder: str) -> list[str]:
+    """The files a torch.distributed.checkpoint directory's metadata names that are not in it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(folder).read_metadata()
+    names = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
+    return [name for name in names if not os.path.isfile(os.path.join(folder, name))]
 
 
 def _save_rest(folder: str, scheduler, state: dict, scaler=None) -> None:
