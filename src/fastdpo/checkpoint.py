@@ -120,12 +120,10 @@ def save_sharded_checkpoint(output_dir: str, step: int, module, optimizer, sched
             if missing:  # written elsewhere: another machine's file system, not the one main renames on
                 failure = (f"{what}: the shard files {', '.join(missing[:3])} are not in {tmp} (the processes of a "
                            "run on several machines need an --output_dir on a file system they share)")
-                raise _Incomplete
-            _save_rest(tmp, scheduler, state, scaler)
-            finish_directory(tmp, final)
-            atomic_write_text(os.path.join(root, LATEST), f"step-{step}\n", "the checkpoint pointer")
-        except _Incomplete:
-            pass
+            else:
+                _save_rest(tmp, scheduler, state, scaler)
+                finish_directory(tmp, final)
+                atomic_write_text(os.path.join(root, LATEST), f"step-{step}\n", "the checkpoint pointer")
         except Exception as e:
             failure = failed(e)
     if processes.main and failure is not None and tmp:
@@ -139,10 +137,6 @@ def save_sharded_checkpoint(output_dir: str, step: int, module, optimizer, sched
     if processes.main:
         _prune(root, keep, current=f"step-{step}")
     return final
-
-
-class _Incomplete(Exception):
-    """A sharded checkpoint without every process's files."""
 
 
 def missing_shards(folder: str) -> list[str]:

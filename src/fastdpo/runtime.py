@@ -204,8 +204,7 @@ def start(cfg: Config) -> Runtime:
     cannot run is refused in one line; none silently becomes another."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     wanted = launch_strategy(cfg, world)
-    launched_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    accelerator = _accelerator(cfg.precision, hide_fsdp=wanted == "fsdp" or launched_fsdp)
+    accelerator = _accelerator(cfg.precision, hide_fsdp=wanted == "fsdp" or launched() == "fsdp")
     kind = accelerator.distributed_type
     if wanted == "deepspeed" and kind.name != "DEEPSPEED":
         raise UserError("DeepSpeed: accelerate runs DeepSpeed on GPUs only, so on CPU these processes would train "
@@ -248,17 +247,22 @@ def start(cfg: Config) -> Runtime:
 def launch_strategy(cfg: Config, world: int) -> str:
     """The strategy asked for: `--strategy`, or with `auto` the accelerate config the processes were launched
     with (`accelerate launch` passes it in the environment): "single", "ddp", "fsdp" or "deepspeed"."""
-    env = lambda name: os.environ.get(name, "false").lower() == "true"  # noqa: E731
-    launched = "fsdp" if env("ACCELERATE_USE_FSDP") else "deepspeed" if env("ACCELERATE_USE_DEEPSPEED") else None
+    launcher = launched()
     if world == 1:
         return "single"
     if cfg.strategy == "auto":
-        return launched or "ddp"
-    if launched and launched != cfg.strategy:
+        return launcher or "ddp"
+    if launcher and launcher != cfg.strategy:
         raise UserError(f"--strategy {cfg.strategy}: the processes were launched with an accelerate config for "
-                        f"{'FSDP' if launched == 'fsdp' else 'DeepSpeed'}; drop the flag or launch with "
+                        f"{'FSDP' if launcher == 'fsdp' else 'DeepSpeed'}; drop the flag or launch with "
                         f"configs/accelerate/{cfg.strategy}.yaml", exit_code=2)
     return cfg.strategy
+
+
+def launched() -> str | None:
+    """The strategy `accelerate launch` passed in the environment: "fsdp", "deepspeed" or None."""
+    env = lambda name: os.environ.get(name, "false").lower() == "true"  # noqa: E731
+    return "fsdp" if env("ACCELERATE_USE_FSDP") else "deepspeed" if env("ACCELERATE_USE_DEEPSPEED") else None
 
 
 def fsdp_options() -> dict:
