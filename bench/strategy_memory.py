@@ -1,5 +1,5 @@
-"""Peak memory of each process under one process, DDP and FSDP2 (2 processes, CPU, gloo), on a random Llama of
-about 150M parameters; fastdpo only.
+"""Peak memory of each process under one process, DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (2 processes, CPU,
+gloo), on a random Llama of about 150M parameters; fastdpo only.
 
     python bench/strategy_memory.py --workdir /tmp/smem
 
@@ -103,6 +103,10 @@ def main() -> None:
         "DDP, 2 processes": (torchrun, []),
         "FSDP2, 2 processes": (["-m", "accelerate.commands.launch", "--config_file",
                                 os.path.join(configs, "fsdp.yaml"), "--num_processes", "2"], []),
+        "ZeRO-2, 2 processes": (["-m", "accelerate.commands.launch", "--config_file",
+                                 os.path.join(configs, "deepspeed-zero2.yaml"), "--num_processes", "2"], []),
+        "ZeRO-3, 2 processes": (["-m", "accelerate.commands.launch", "--config_file",
+                                 os.path.join(configs, "deepspeed-zero3.yaml"), "--num_processes", "2"], []),
     }
     results = {}
     for name, (launcher, extra) in runs.items():

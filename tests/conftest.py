@@ -13,6 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # fastdpo's default caches (tokenized data, reference log-probs) live under $XDG_CACHE_HOME: the tests' go to a
 # directory of their own, not the user's home, and start empty
+# (the C++ ops DeepSpeed compiles on first use, which torch keeps under the same cache, stay in the user's: compiled
+# once, not in every session)
+_user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_user_cache, "torch_extensions", "fastdpo-tests"))
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="fastdpo-test-cache-")
 
 WORDS = ["The", "sky", "is", "blue", "black", "green", "grass", "sun", "hot", "cold", "yes", "no", "a", "b", "c",

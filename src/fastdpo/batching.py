@@ -47,6 +47,13 @@ class Layout:
         """The plain layout: [prompt | response] rows with a 2-D padding mask (no 4-D mask needed)."""
         return not (self.share_prompt or self.pack)
 
+    def describe(self) -> str:
+        rows = ("prefix-shared pairs" if self.share_prompt else "one row per sequence" if not self.pack
+                else "sequences") + (", packed" if self.pack else "")
+        head = f"chunked lm_head ({self.chunk_size} positions a chunk)" if self.head == "chunked" else \
+            "the model's full logits"
+        return f"{rows}; {head}"
+
     def without_mask(self) -> "Layout":
         return replace(self, share_prompt=False, pack=False)
 

@@ -67,19 +67,17 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, sta
 
 
 SHARDED = "sharded"  # in a checkpoint written under FSDP: the weights and optimizer state, torch.distributed.checkpoint
+DEEPSPEED = "deepspeed"  # under DeepSpeed: the engine's own checkpoint (its weights and partitioned optimizer state)
 
 
 def save_sharded_checkpoint(output_dir: str, step: int, module, optimizer, scheduler, state: dict, processes,
-                            keep: int = 0, scaler=None) -> str:
-    """`save_checkpoint` under FSDP, called by every process: each writes its own shards of the weights and the
-    optimizer state (torch.distributed.checkpoint, which a run with another number of processes can read) into
-    the main process's temporary directory; the main process adds the rest, renames it into place and points
-    `latest` at it, as for one process. A failure on any process leaves the previous checkpoint, removes the
-    temporary directory and is the same one line on every process (every process makes the same collective
-    calls on every path)."""
-    import torch.distributed.checkpoint as dcp
+                            strategy: str, keep: int = 0, scaler=None) -> str:
+    """`save_checkpoint` under FSDP or DeepSpeed (`strategy`), called by every process: each writes its own shards
+    of the weights and the optimizer state (`write_shards`) into the main process's temporary directory; the main
+    process checks they are all there, adds the rest, renames it into place and points `latest` at it, as for one
+    process. A failure on any process leaves the previous checkpoint, removes the temporary directory and is the
+    same one line on every process (every process makes the same collective calls on every path)."""
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     root = os.path.join(output_dir, "checkpoints")
     final, previous = os.path.join(root, f"step-{step}"), latest_checkpoint(output_dir)
@@ -108,15 +106,14 @@ def save_sharded_checkpoint(output_dir: str, step: int, module, optimizer, sched
             failure = failed(e)
     tmp, failure = processes.gather((tmp, failure))[0]
     if failure is None:
-        model_state, optim_state = get_state_dict(module, optimizer)
         try:
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(tmp, SHARDED))
-        except (Exception, CheckpointException) as e:  # dcp raises the same on every process
+            write_shards(strategy, tmp, module, optimizer)
+        except (Exception, CheckpointException) as e:  # the writers fail without leaving the others waiting
             failure = failed(e)
         failure = next((f for f in processes.gather(failure) if f), None)
     if processes.main and failure is None:
         try:
-            missing = missing_shards(os.path.join(tmp, SHARDED))
+            missing = missing_shards(tmp, processes.world)
             if missing:  # written elsewhere: another machine's file system, not the one main renames on
                 failure = (f"{what}: the shard files {', '.join(missing[:3])} are not in {tmp} (the processes of a "
                            "run on several machines need an --output_dir on a file system they share)")
@@ -139,12 +136,62 @@ def save_sharded_checkpoint(output_dir: str, step: int, module, optimizer, sched
     return final
 
 
-def missing_shards(folder: str) -> list[str]:
-    """The files a torch.distributed.checkpoint directory's metadata names that are not in it."""
-    from torch.distributed.checkpoint import FileSystemReader
+def write_shards(strategy: str, folder: str, module, optimizer) -> None:
+    """This process's shards of the weights and optimizer state, into `folder`: FSDP's through
+    torch.distributed.checkpoint (`sharded/`, which a run with another number of processes can read), DeepSpeed's
+    through its engine (`deepspeed/`)."""
+    if strategy == "fsdp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    metadata = FileSystemReader(folder).read_metadata()
-    names = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
+        model_state, optim_state = get_state_dict(module, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(folder, SHARDED))
+        return
+    saves = _KeepFailedWrite(module.checkpoint_engine)
+    module.checkpoint_engine = saves
+    try:
+        module.save_checkpoint(folder, tag=DEEPSPEED, save_latest=False)
+    finally:
+        module.checkpoint_engine = saves.inner
+    if saves.failure is not None:
+        raise saves.failure
+
+
+class _KeepFailedWrite:
+    """DeepSpeed's checkpoint engine with a failed write kept instead of raised, and raised by `write_shards` once
+    DeepSpeed's save has returned: it waits for the other processes inside, so a process that raised out of it
+    would leave them waiting there for ever. Its torch.save goes through a Python file, so that a failed write
+    keeps its operating-system error."""
+
+    def __init__(self, inner):
+        self.inner, self.failure = inner, None
+
+    def save(self, state_dict, path: str) -> None:
+        if self.failure is not None:  # the checkpoint is lost anyway: write nothing more
+            return
+        try:
+            if type(self.inner).__name__ == "TorchCheckpointEngine":
+                with open(path, "wb") as f:
+                    torch.save(state_dict, f, _use_new_zipfile_serialization=self.inner.zipfile_serialization)
+            else:
+                self.inner.save(state_dict, path)
+        except Exception as e:  # any failure, so that this process stays in step with the others; raised after
+            self.failure = e
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def missing_shards(folder: str, world: int) -> list[str]:
+    """The shard files of a checkpoint directory's sharded weights that are not in it: those the metadata of a
+    torch.distributed.checkpoint names, or each of DeepSpeed's `world` processes' optimizer partition."""
+    if os.path.isdir(os.path.join(folder, DEEPSPEED)):
+        names = [os.path.join(DEEPSPEED, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt") for rank in range(world)]
+    else:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        metadata = FileSystemReader(os.path.join(folder, SHARDED)).read_metadata()
+        names = sorted({os.path.join(SHARDED, info.relative_path) for info in (metadata.storage_data or {}).values()})
     return [name for name in names if not os.path.isfile(os.path.join(folder, name))]
 
 
@@ -208,14 +255,35 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, reference=None, scaler=None, module=None,
-                    sharded: bool = False) -> dict:
+                    strategy: str = "single", world: int = 1) -> dict:
     """Restore weights, optimizer, scheduler and RNG states; return the trainer state (step, epoch, ...).
-    `module`: the training module around `model` (the one FSDP shards); `sharded`: this run shards it."""
-    if os.path.isdir(os.path.join(path, SHARDED)):
+    `module`: the training module around `model` (as FSDP or DeepSpeed wrapped it); `strategy` and `world`: how
+    this run holds it."""
+    written = "fsdp" if os.path.isdir(os.path.join(path, SHARDED)) else \
+        "deepspeed" if os.path.isdir(os.path.join(path, DEEPSPEED)) else "plain"
+    readers = {"fsdp": ("fsdp", "single", "ddp"), "deepspeed": ("deepspeed",), "plain": ("single", "ddp")}
+    if strategy not in readers[written]:
+        how = {"fsdp": "under FSDP", "deepspeed": "under DeepSpeed", "plain": "without FSDP or DeepSpeed"}[written]
+        where = {"fsdp": "under FSDP, DDP or in one process", "plain": "with DDP or one process",
+                 "deepspeed": "under DeepSpeed with the same ZeRO stage and number of processes"}[written]
+        raise UserError(f"--resume: {path} was written {how}; resume it {where}", exit_code=2)
+    if written == "fsdp":
         load_sharded(path, module, optimizer)
-    elif sharded:
-        raise UserError(f"--resume: {path} was written without FSDP; resume it with DDP or one process (FSDP "
-                        "resumes the checkpoints written under FSDP, with any number of processes)", exit_code=2)
+    elif written == "deepspeed":
+        names = os.listdir(os.path.join(path, DEEPSPEED))
+        saved = len([n for n in names if n.endswith("_optim_states.pt")])
+        stage = 3 if "zero_pp_rank_0_mp_rank_00_model_states.pt" in names else 2  # ZeRO-3 partitions the weights
+        if stage != module.zero_optimization_stage():
+            raise UserError(f"--resume: {path} was written under DeepSpeed ZeRO-{stage}; resume it with ZeRO-{stage} "
+                            f"(configs/accelerate/deepspeed-zero{stage}.yaml or --strategy zero{stage})", exit_code=2)
+        if saved != world:
+            raise UserError(f"--resume: {path} was written by {saved} DeepSpeed processes; resume it with "
+                            f"{saved} (DeepSpeed's checkpoints are per process; FSDP's resume with any number)",
+                            exit_code=2)
+        loaded, _ = module.load_checkpoint(path, tag=DEEPSPEED, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+        if loaded is None:
+            raise UserError(f"--resume: {path}: DeepSpeed could not load its checkpoint", exit_code=2)
     else:
         load_weights(model, path)
         # map to CPU first: rank 0 wrote them from its device, and every process of a multi-GPU resume reads them

@@ -99,7 +99,7 @@ def run_eval(cfg: Config, inputs: Inputs | None = None) -> EvalResult:
     weights = reference_weights(cfg, policy, inputs, runtime.device)
     pad = tokenizer.pad_token_id
     layout = choose_layout(cfg, [body, weights.model] if weights.kind == "model" else [body], [pairs], pad,
-                           runtime.device, runtime.log, runtime.zero3)
+                           runtime.device, runtime.log)
     module = LogpsModule(body, layout)
     reference = build_reference(cfg, policy, module, weights, layout, pad, {"eval": pairs}, runtime)["eval"]
     return evaluate_pairs(module, reference, pairs, cfg, layout, pad, cfg.batch_size, runtime,

@@ -118,19 +118,17 @@ class LogpsModule(torch.nn.Module):
 MASK_REFUSALS = (RuntimeError, ValueError)
 
 
-def requested_layout(cfg: Config, zero3: bool = False) -> Layout:
-    """The layout the config asks for. Under DeepSpeed ZeRO-3 the lm_head's weight is gathered only inside its own
-    forward, so the model's full logits are used there."""
-    chunked = cfg.logits_chunk_size > 0 and not zero3
+def requested_layout(cfg: Config) -> Layout:
+    """The layout the config asks for."""
+    chunked = cfg.logits_chunk_size > 0
     return Layout(share_prompt=cfg.prefix_sharing, pack=cfg.packing, head="chunked" if chunked else "full",
                   chunk_size=cfg.logits_chunk_size or 1, row_length=cfg.pack_length)
 
 
-def choose_layout(cfg: Config, models: Sequence, sets: Sequence, pad_token_id: int, device, notice=print,
-                  zero3: bool = False) -> Layout:
+def choose_layout(cfg: Config, models: Sequence, sets: Sequence, pad_token_id: int, device, notice=print) -> Layout:
     """The one layout of a run: the requested one, narrowed by the start-up check until it is exact for every
     model in `models` (those that score its batches) on the data `sets` (each a PairSet or list of pairs)."""
-    layout = requested_layout(cfg, zero3)
+    layout = requested_layout(cfg)
     sample = check_sample([p for pairs in sets for p in check_sample(pairs)])
     for model in dict.fromkeys(models):  # each distinct model once
         layout = check_layout(model, layout, sample, pad_token_id, device, notice)

@@ -117,8 +117,7 @@ def build_reference(cfg: Config, policy, policy_module: LogpsModule, weights: Re
     elif weights.kind == "policy":
         live = ModelReference(policy_module, policy)
     elif cfg.reference == "precomputed":  # a separate model that never scores training batches: its own layout
-        own = choose_layout(cfg, [weights.model], list(sets.values()), pad_token_id, runtime.device, runtime.log,
-                            runtime.zero3)
+        own = choose_layout(cfg, [weights.model], list(sets.values()), pad_token_id, runtime.device, runtime.log)
         live, layout = ModelReference(LogpsModule(weights.model, own), weights.model), own
     else:
         live = ModelReference(LogpsModule(weights.model, layout), weights.model)

@@ -79,7 +79,7 @@ class Runtime:
     accelerator: object  # accelerate.Accelerator
     processes: Processes
     strategy: str  # "single", "ddp", "fsdp" or "deepspeed"
-    fsdp_options: dict = field(default_factory=dict)  # under FSDP: reshard_after_forward
+    options: dict = field(default_factory=dict)  # FSDP: reshard_after_forward, layers; DeepSpeed: its config
 
     @property
     def device(self) -> torch.device:
@@ -96,8 +96,7 @@ class Runtime:
 
     @property
     def zero3(self) -> bool:
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        return plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+        return self.strategy == "deepspeed" and self.options["zero_optimization"]["stage"] == 3
 
     def log(self, text: str) -> None:
         """A line on stderr, from the main process only."""
@@ -118,6 +117,8 @@ class Runtime:
             self.log(f"fastdpo: FSDP2 over {self.processes.world} processes: the weights, gradients and optimizer "
                      f"state are sharded ({local / total:.1%} of the {total:,} weights on the main process)")
             return module, optimizer
+        if self.strategy == "deepspeed":
+            return self._deepspeed(module, optimizer)
         with warnings.catch_warnings():  # torch >= 2.10 renames DDP's broadcast_buffers; accelerate passes the old one
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
             return self.accelerator.prepare(module, optimizer)
@@ -132,8 +133,8 @@ class Runtime:
         from torch.distributed.fsdp import fully_shard
 
         names = {id(p): name for name, p in module.named_parameters()}
-        layers = set(self.fsdp_options.get("layers") or module._no_split_modules or ())
-        reshard = self.fsdp_options["reshard_after_forward"]
+        layers = set(self.options.get("layers") or module._no_split_modules or ())
+        reshard = self.options["reshard_after_forward"]
         for sub in reversed(list(module.modules())):  # inner units first, should layer classes nest
             if type(sub).__name__ in layers:
                 fully_shard(sub, reshard_after_forward=reshard)
@@ -144,10 +145,43 @@ class Runtime:
                 group["params"] = [sharded[names[id(p)]] for p in group["params"]]
         return module, optimizer
 
+    def _deepspeed(self, module, optimizer=None):
+        """A DeepSpeed engine around `module` (ZeRO-2: gradients and optimizer state sharded; ZeRO-3: the weights
+        too), applied here, not by accelerate (which runs it on GPUs only). Without `optimizer`: an inference engine
+        (a frozen reference). The weights stay float32 and `--precision bf16` runs under autocast, as in one
+        process; the engine accumulates the micro-batches' gradients and reduces them once, at `step`."""
+        import deepspeed
+
+        config = copy.deepcopy(self.options)
+        if optimizer is None:  # frozen: no optimizer state; below ZeRO-3 every process holds it whole
+            config["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items()
+                                           if not k.startswith("offload_optimizer")}
+            if config["zero_optimization"]["stage"] != 3:
+                config["zero_optimization"]["stage"] = 0
+        if config["zero_optimization"]["stage"] == 3 and module.layout.head == "chunked":
+            # the chunked head reads the lm_head's weight in this module's forward, not in the lm_head's own
+            for param in module.model.get_output_embeddings().parameters():
+                deepspeed.zero.register_external_parameter(module, param)
+        engine, ds_optimizer, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
+                                                        dist_init_required=False)
+        if optimizer is None:
+            engine.eval()  # (DeepSpeed's eval returns None)
+            return engine
+        self.log(f"fastdpo: DeepSpeed ZeRO-{config['zero_optimization']['stage']} over {self.processes.world} "
+                 f"processes: " + ("the weights, gradients and optimizer state are sharded" if self.zero3 else
+                                   "gradients and optimizer state sharded, every process holds the weights"))
+        return engine, EngineOptimizer(engine)
+
+    def backward(self, module, loss) -> None:
+        if self.strategy == "deepspeed":  # the loss is already scaled for the micro-batches of the step
+            module.backward(loss, scale_wrt_gas=False)
+        else:
+            self.accelerator.backward(loss)
+
     def no_sync(self, module, last_micro_batch: bool):
         """Where a micro-batch's gradients wait for the step's last (DDP); FSDP reduce-scatters every micro-batch,
         which keeps only the sharded gradients."""
-        if last_micro_batch or self.strategy == "fsdp":
+        if last_micro_batch or self.strategy in ("fsdp", "deepspeed"):  # DeepSpeed: it reduces at `step`
             return contextlib.nullcontext()
         return self.accelerator.no_sync(module)
 
@@ -158,28 +192,20 @@ class Runtime:
         if self.strategy == "fsdp":
             return self._fully_shard(module)[0]
         if self.strategy == "deepspeed":
-            import deepspeed
-
-            config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
-            for key in ("optimizer", "scheduler"):
-                config.pop(key, None)
-            zero = config.setdefault("zero_optimization", {})
-            zero.pop("offload_optimizer", None)
-            if zero.get("stage") != 3:
-                zero["stage"] = 0
-            engine, *_ = deepspeed.initialize(model=module, config=config)
-            return engine.eval()
+            return self._deepspeed(module)
         return module
 
-    def clip_grad_norm(self, module, max_grad_norm: float) -> float:
-        """Clip the global gradient norm (when max_grad_norm > 0) and return the norm before clipping."""
+    def clip_grad_norm(self, module, max_grad_norm: float) -> float | None:
+        """Clip the global gradient norm (when max_grad_norm > 0) and return the norm before clipping; None under
+        DeepSpeed, which clips inside its step (`EngineOptimizer.grad_norm` has it afterwards)."""
+        if self.strategy == "deepspeed":
+            return None
         params = [p for p in module.parameters() if p.grad is not None]
         if self.strategy == "fsdp":  # the gradients are DTensor shards: torch's clip reduces their norm
             norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
             return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(params, max_grad_norm)
-            return 0.0 if norm is None else float(norm)  # None: DeepSpeed clips inside its own step
+            return float(self.accelerator.clip_grad_norm_(params, max_grad_norm))
         if not params:
             return 0.0
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])))
@@ -194,75 +220,165 @@ class Runtime:
 
             state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             state = state if self.main else None
-        else:
-            state = self.accelerator.get_state_dict(module)
+        elif self.zero3:
+            state = module._zero3_consolidated_16bit_state_dict()  # layer by layer onto the main process, any dtype
+        else:  # ZeRO-2: every process holds the weights whole
+            return None
         return {key.removeprefix("model."): value for key, value in state.items()} if state else state
+
+
+class EngineOptimizer:
+    """The optimizer as the training loop drives it under DeepSpeed: the engine's `step` reduces the accumulated
+    gradients, clips them, steps the wrapped AdamW and zeroes the gradients. The learning-rate schedule acts on
+    the AdamW's parameter groups, which the engine's optimizer shares."""
+
+    def __init__(self, engine):
+        self.engine, self.stepped = engine, False
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.engine.optimizer.param_groups
+
+    def step(self) -> None:
+        self.engine.step()
+        self.stepped = True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """After a step the engine has zeroed them; a skipped step's gradients are reduced, then dropped."""
+        if not self.stepped:
+            self.engine.optimizer.finalize_gradient_accumulation_boundary()
+            self.engine.optimizer.zero_grad(set_to_none=set_to_none)
+        self.stepped = False
+
+    @property
+    def grad_norm(self) -> float:
+        """The global gradient norm before clipping, of the last step."""
+        norm = self.engine.get_global_grad_norm()
+        return math.nan if norm is None else float(norm)
 
 
 def start(cfg: Config) -> Runtime:
     """The accelerator with the config's mixed precision, and the strategy it was launched with. What a strategy
-    cannot run is refused in one line; none silently becomes another."""
+    cannot run is refused in one line; none silently becomes another. accelerate sets up plain data-parallel
+    processes (on CPU and on GPUs); fastdpo applies FSDP2 and DeepSpeed itself, the same way on both."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     wanted = launch_strategy(cfg, world)
-    accelerator = _accelerator(cfg.precision, hide_fsdp=wanted == "fsdp" or launched() == "fsdp")
+    accelerator = _accelerator(cfg.precision)
     kind = accelerator.distributed_type
-    if wanted == "deepspeed" and kind.name != "DEEPSPEED":
-        raise UserError("DeepSpeed: accelerate runs DeepSpeed on GPUs only, so on CPU these processes would train "
-                        "with DDP instead; use configs/accelerate/ddp.yaml or fsdp.yaml (or --strategy fsdp)",
-                        exit_code=2)
-    if kind.name in ("NO", "DEEPSPEED") or kind.name.startswith("MULTI_"):
-        strategy = {"NO": "single", "DEEPSPEED": "deepspeed"}.get(kind.name, "ddp")
-    else:
+    if not (kind.name == "NO" or kind.name.startswith("MULTI_")):
         raise UserError(f"accelerate's {kind.value} launch is not supported; use DDP, FSDP or DeepSpeed "
                         "(configs/accelerate/)", exit_code=2)
-    if wanted == "fsdp":
-        strategy = "fsdp"
-        if cfg.precision == "fp16":  # the raw optimizer would need the grad scaler's unscale and inf checks by hand
-            raise UserError("--precision fp16: not supported under FSDP yet; use --precision bf16", exit_code=2)
+    strategy = {"zero2": "deepspeed", "zero3": "deepspeed"}.get(wanted, wanted)
+    name = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}.get(strategy)
+    if name and cfg.precision == "fp16":  # the raw optimizer would need the grad scaler's unscale and inf checks
+        raise UserError(f"--precision fp16: not supported under {name} yet; use --precision bf16", exit_code=2)
     if world == 1 and cfg.strategy != "auto" and Processes.current().main:
         print(f"fastdpo: --strategy {cfg.strategy}: one process holds the whole model; launch 2 or more (torchrun "
               "--nproc_per_node N, or accelerate launch) to share the work", file=sys.stderr)
-    runtime = Runtime(accelerator, Processes.current(), strategy, fsdp_options() if strategy == "fsdp" else {})
-    if runtime.sharded:
-        checkpoints = strategy == "deepspeed"  # FSDP writes sharded checkpoints
-        for flag, value in (("--save_steps", checkpoints and cfg.save_steps), ("--resume", checkpoints and cfg.resume),
-                            ("--lora_r", cfg.lora_r), ("--adapter", cfg.adapter),
+    if name:
+        for flag, value in (("--lora_r", cfg.lora_r), ("--adapter", cfg.adapter),
                             ("--ref_sync_steps", cfg.ref_sync_steps)):
             if value:
-                name = "FSDP" if strategy == "fsdp" else "DeepSpeed"
-                what = "LoRA and TR-DPO run" if strategy == "fsdp" else "checkpoints, LoRA and TR-DPO run"
-                raise UserError(f"{flag}: not supported under {name} yet ({what} with DDP or one process)",
-                                exit_code=2)
-    if strategy == "deepspeed":
-        share = cfg.batch_size // accelerator.num_processes
-        if cfg.micro_batch_size and cfg.micro_batch_size != share:
-            raise UserError(f"--micro_batch_size {cfg.micro_batch_size}: DeepSpeed steps its optimizer at every "
-                            f"backward, so a process takes its whole share ({share}) at once here", exit_code=2)
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = share  # no data loader is prepared, so accelerate cannot infer it
-        ds["gradient_clipping"] = cfg.max_grad_norm  # DeepSpeed clips inside its step (0: no clipping)
-    return runtime
+                raise UserError(f"{flag}: not supported under {name} yet (LoRA and TR-DPO run with DDP or one "
+                                "process)", exit_code=2)
+    options = {}
+    if strategy == "fsdp":
+        options = fsdp_options()
+    elif strategy == "deepspeed":
+        share = cfg.batch_size // world
+        options = deepspeed_options(cfg, int(wanted[-1]), min(cfg.micro_batch_size or share, share))
+    return Runtime(accelerator, Processes.current(), strategy, options)
 
 
 def launch_strategy(cfg: Config, world: int) -> str:
     """The strategy asked for: `--strategy`, or with `auto` the accelerate config the processes were launched
-    with (`accelerate launch` passes it in the environment): "single", "ddp", "fsdp" or "deepspeed"."""
+    with (`accelerate launch` passes it in the environment): "single", "ddp", "fsdp", "zero2" or "zero3"."""
     launcher = launched()
     if world == 1:
         return "single"
     if cfg.strategy == "auto":
         return launcher or "ddp"
     if launcher and launcher != cfg.strategy:
+        names = {"fsdp": "FSDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
+        config = {"zero2": "deepspeed-zero2", "zero3": "deepspeed-zero3"}.get(cfg.strategy, cfg.strategy)
         raise UserError(f"--strategy {cfg.strategy}: the processes were launched with an accelerate config for "
-                        f"{'FSDP' if launcher == 'fsdp' else 'DeepSpeed'}; drop the flag or launch with "
-                        f"configs/accelerate/{cfg.strategy}.yaml", exit_code=2)
+                        f"{names[launcher]}; drop the flag or launch with configs/accelerate/{config}.yaml",
+                        exit_code=2)
     return cfg.strategy
 
 
 def launched() -> str | None:
-    """The strategy `accelerate launch` passed in the environment: "fsdp", "deepspeed" or None."""
+    """The strategy `accelerate launch` passed in the environment: "fsdp", "zero2", "zero3" or None."""
     env = lambda name: os.environ.get(name, "false").lower() == "true"  # noqa: E731
-    return "fsdp" if env("ACCELERATE_USE_FSDP") else "deepspeed" if env("ACCELERATE_USE_DEEPSPEED") else None
+    if env("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    if env("ACCELERATE_USE_DEEPSPEED"):
+        return f"zero{deepspeed_file_and_stage()[1]}"
+    return None
+
+
+def deepspeed_file_and_stage() -> tuple[dict, int]:
+    """The DeepSpeed config file accelerate's config names (`deepspeed_config_file`, as a dict; {} without one)
+    and the ZeRO stage it or the config's `zero_stage` asks for."""
+    import json
+
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    config = {}
+    if path.lower() != "none":
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"deepspeed_config_file: {path}: could not read it as JSON ({e})", exit_code=2) from None
+    stage = config.get("zero_optimization", {}).get("stage", os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
+    if str(stage) not in ("2", "3"):
+        raise UserError(f"DeepSpeed zero_stage {stage}: fastdpo runs ZeRO stages 2 and 3 (configs/accelerate/"
+                        "deepspeed-zero2.yaml, deepspeed-zero3.yaml); for no sharding launch with ddp.yaml",
+                        exit_code=2)
+    return config, int(stage)
+
+
+def deepspeed_options(cfg: Config, stage: int, micro: int) -> dict:
+    """The DeepSpeed config fastdpo runs: ZeRO `stage`, the accelerate config's ZeRO settings, micro-batches of
+    `micro` pairs accumulated by the engine until fastdpo's step, clipping at --max_grad_norm. What fastdpo decides
+    itself (optimizer, schedule, precision, batch sizes) or does not run yet is refused rather than ignored."""
+    import deepspeed.runtime.engine as ds_engine
+
+    if not hasattr(ds_engine.DeepSpeedEngine, "managed_gradient_accumulation"):
+        raise UserError("DeepSpeed is too old for fastdpo (it needs managed_gradient_accumulation, DeepSpeed >= "
+                        "0.18): pip install -U deepspeed", exit_code=2)
+    from_file, _ = deepspeed_file_and_stage() if launched() else ({}, stage)
+    env = lambda name, default="none": os.environ.get(name, default).strip().lower()  # noqa: E731
+
+    def refuse(setting: str, why: str):
+        raise UserError(f"DeepSpeed {setting} is not supported; {why}", exit_code=2)
+
+    for key, flag in (("optimizer", "--learning_rate, --adam_* and --weight_decay"),
+                      ("scheduler", "--lr_scheduler and --warmup_steps"), ("fp16", "--precision"),
+                      ("bf16", "--precision"), ("train_batch_size", "--batch_size"),
+                      ("train_micro_batch_size_per_gpu", "--micro_batch_size"),
+                      ("gradient_accumulation_steps", "--batch_size and --micro_batch_size")):
+        value = from_file.get(key)
+        if value not in (None, "auto") and not (isinstance(value, dict) and not value.get("enabled", True)):
+            refuse(f"{key} (in deepspeed_config_file)", f"fastdpo sets it from {flag}; remove it or write \"auto\"")
+    if env("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1") not in ("1", "auto"):
+        refuse("gradient_accumulation_steps > 1", "accumulation follows from --batch_size and --micro_batch_size")
+    clipping = from_file.get("gradient_clipping", env("ACCELERATE_GRADIENT_CLIPPING", "auto"))
+    if str(clipping) not in ("auto", "none") and float(clipping) != cfg.max_grad_norm:
+        refuse(f"gradient_clipping {clipping}", f"fastdpo clips at --max_grad_norm ({cfg.max_grad_norm}); pass "
+               f"--max_grad_norm {clipping} or remove it from the config")
+    zero = dict(from_file.get("zero_optimization", {}), stage=stage)
+    for part in ("optimizer", "param"):
+        device = zero.get(f"offload_{part}", {}).get("device", env(f"ACCELERATE_DEEPSPEED_OFFLOAD_{part.upper()}_DEVICE"))
+        if str(device).lower() not in ("none", ""):
+            refuse(f"offload_{part}_device {device}", "set it to none")
+    if env("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false") == "true":
+        refuse("zero3_init_flag true", "set it to false (every process loads the model, then ZeRO-3 partitions it)")
+    rest = {k: v for k, v in from_file.items() if k not in ("zero_optimization", "gradient_clipping") and v != "auto"}
+    return {**rest, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+            "managed_gradient_accumulation": False, "gradient_clipping": cfg.max_grad_norm,
+            "zero_optimization": {k: v for k, v in zero.items() if v != "auto"},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 2**62}
 
 
 def fsdp_options() -> dict:
@@ -301,11 +417,11 @@ def fsdp_options() -> dict:
     return {"reshard_after_forward": switch("FSDP_RESHARD_AFTER_FORWARD", True), "layers": layers or None}
 
 
-def _accelerator(precision: str, hide_fsdp: bool = False):
-    """An Accelerator with this mixed precision. accelerate keeps one process-wide state; a library user who
-    trains twice with different precisions gets its precision part reset (the process group stays). With
-    `hide_fsdp` accelerate sets up plain data-parallel processes and fastdpo applies FSDP2 itself (accelerate
-    would refuse it on CPU)."""
+def _accelerator(precision: str):
+    """An Accelerator with this mixed precision, for plain data-parallel processes: accelerate's FSDP and DeepSpeed
+    switches are hidden from it (fastdpo applies both itself; accelerate runs them on GPUs only). accelerate keeps
+    one process-wide state; a library user who trains twice with different precisions gets its precision part
+    reset (the process group stays)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -321,7 +437,8 @@ def _accelerator(precision: str, hide_fsdp: bool = False):
     # processes
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     kwargs = dict(mixed_precision=mixed, kwargs_handlers=handlers, cpu=world > 1 and not device)
-    saved = os.environ.pop("ACCELERATE_USE_FSDP", None) if hide_fsdp else None
+    saved = {name: os.environ.pop(name) for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+             if name in os.environ}
     try:
         try:
             accelerator = Accelerator(**kwargs)
@@ -329,8 +446,7 @@ def _accelerator(precision: str, hide_fsdp: bool = False):
             AcceleratorState._reset_state(reset_partial_state=False)
             accelerator = Accelerator(**kwargs)
     finally:
-        if saved is not None:
-            os.environ["ACCELERATE_USE_FSDP"] = saved
+        os.environ.update(saved)
     if accelerator.num_processes != world:  # they would each train alone and overwrite each other's output
         raise UserError(f"{world} processes were launched but accelerate set up {accelerator.num_processes} "
                         f"({accelerator.distributed_type.value}); launch with torchrun or a config of "

@@ -109,14 +109,15 @@ def fit(run: Run) -> TrainResult:
                 sync = rt.no_sync(run.module, last_micro)
                 with sync, rt.autocast():
                     scored = score_batch(run.module, run.reference, batch, chunk, cfg)
-                    rt.accelerator.backward(scored.losses.sum() * scale)
+                    rt.backward(run.module, scored.losses.sum() * scale)
                 if scale:  # a zero-scale micro-batch only keeps the processes in step
                     shares.append(ShareOfStep(scored.metrics, sum(p.num_tokens for p in chunk_pairs),
                                               batch.padding_share))
-            grad_norm = rt.clip_grad_norm(run.module, cfg.max_grad_norm)
+            grad_norm = rt.clip_grad_norm(run.module, cfg.max_grad_norm)  # None: DeepSpeed clips in its step
             lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
             stats = gather_step(rt.processes, shares, stop.requested is not None)  # the one gather of a step
-            optimizer_step(run, math.isfinite(grad_norm) and math.isfinite(stats.metrics["loss"]))
+            optimizer_step(run, math.isfinite(grad_norm or 0.0) and math.isfinite(stats.metrics["loss"]))
+            grad_norm = run.optimizer.grad_norm if grad_norm is None else grad_norm
             state.step = done = step + 1
             if cfg.ref_sync_steps and done % cfg.ref_sync_steps == 0:
                 sync_reference(run.reference.model, run.policy, cfg.ref_sync_alpha)
@@ -131,14 +132,11 @@ def fit(run: Run) -> TrainResult:
                 if result and rt.main:
                     bar.write(eval_line(f"step {done}: eval", result))
             stopping = stats.stop_requested and done != state.total_steps  # every process stops after this step
-            if stopping and rt.strategy == "deepspeed":
-                raise UserError(f"stopped by {stop.requested or 'a signal'} after step {done}: mid-run checkpoints "
-                                "are not supported under FSDP or DeepSpeed yet, nothing was saved")
             # with --save_steps the last step is checkpointed too: a larger --max_steps can continue the run
             saving = (cfg.save_steps and (done % cfg.save_steps == 0 or done == state.total_steps)) or stopping
-            if saving and rt.strategy == "fsdp":  # every process writes its shards
+            if saving and rt.sharded:  # every process writes its shards
                 save_sharded_checkpoint(cfg.output_dir, done, run.module, run.optimizer, run.scheduler,
-                                        state.to_json(), rt.processes, keep=cfg.save_total_limit,
+                                        state.to_json(), rt.processes, rt.strategy, keep=cfg.save_total_limit,
                                         scaler=rt.accelerator.scaler)
             elif saving and rt.main:
                 save_checkpoint(cfg.output_dir, done, run.policy, run.optimizer, run.scheduler, state.to_json(),
@@ -190,7 +188,8 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     body = policy.get_base_model() if is_lora(policy) else policy  # the Hugging Face model, LoRA layers injected
     live = [weights.model] if weights.kind == "model" and cfg.reference != "precomputed" else []
     layout = choose_layout(cfg, [body, *live], [pairs, *([eval_pairs] if eval_pairs else [])],
-                           tokenizer.pad_token_id, runtime.device, runtime.log, runtime.zero3)
+                           tokenizer.pad_token_id, runtime.device, runtime.log)
+    runtime.log(f"fastdpo: layout: {layout.describe()}")
     module = LogpsModule(body, layout)
     sets = {"train": pairs, **({"eval": eval_pairs} if eval_pairs else {})}
     references = build_reference(cfg, policy, module, weights, layout, tokenizer.pad_token_id, sets, runtime)
@@ -285,7 +284,8 @@ def resume(run: Run) -> TrainerState:
     rt.processes.barrier()
     try:
         saved = load_checkpoint(path, run.policy, run.optimizer, run.scheduler, synced_reference(run),
-                                scaler=rt.accelerator.scaler, module=run.module, sharded=rt.strategy == "fsdp")
+                                scaler=rt.accelerator.scaler, module=run.module, strategy=rt.strategy,
+                                world=rt.processes.world)
     except (AssertionError, ValueError, KeyError, RuntimeError, CheckpointException) as e:
         raise UserError(f"--resume: {path} does not match this run's model or optimizer settings "
                         f"({str(e).splitlines()[0][:160]})", exit_code=2) from None
