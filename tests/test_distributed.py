@@ -313,6 +313,14 @@ def test_a_strategy_that_cannot_run_says_so(base, tmp_path):
             path = tmp_path / f"{name}.yaml"
             path.write_text(zero2.replace(before, after))
             cases.append((flags, str(path), message))
+        ds_json = tmp_path / "ds.json"  # a DeepSpeed config file of its own, with an optimizer fastdpo would not use
+        ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"},
+                                       "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}))
+        (tmp_path / "file.yaml").write_text(zero2.replace("  zero_stage: 2\n  offload_optimizer_device: none\n  "
+                                                          "offload_param_device: none\n",
+                                                          f"  deepspeed_config_file: {ds_json}\n"))
+        cases.append(([], str(tmp_path / "file.yaml"), "DeepSpeed optimizer (in deepspeed_config_file) is not "
+                                                       "supported; fastdpo sets it from --learning_rate"))
     except ImportError:
         pass
     for i, (flags, config, message) in enumerate(cases):

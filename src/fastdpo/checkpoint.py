@@ -335,12 +335,13 @@ def _tied_names(model) -> set[str]:
 
 
 def save_final(output_dir: str, model, tokenizer, results: dict, lora: bool = False, merge_lora: bool = False,
-               state_dict=None):
+               state_dict=None, dtype: torch.dtype | None = None):
     """The final model and tokenizer (Hugging Face format, safetensors) plus the run's results; returns the model
     as it now is. `lora`: the model is a peft model, saved as its adapter; with `merge_lora` the adapter is then
     merged into the base in place (no second copy of the weights) and the merged model is saved and returned.
-    `state_dict`: the weights gathered from their shards, when the model holds only its own shard. A failed save
-    removes what it wrote and says where the last checkpoint is."""
+    `state_dict`: the weights gathered from their shards, when the model holds only its own shard; `dtype`: the
+    saved weights' (a LoRA adapter keeps its own). A failed save removes what it wrote and says where the last
+    checkpoint is."""
     try:
         tmp = tempfile.mkdtemp(dir=output_dir, prefix=TEMPORARY + "final-")
         try:
@@ -351,10 +352,10 @@ def save_final(output_dir: str, model, tokenizer, results: dict, lora: bool = Fa
                         model.delete_adapter("ref")
                     merged = os.path.join(tmp, "merged")
                     model = model.merge_and_unload()
-                    model.save_pretrained(merged, safe_serialization=True)
+                    save_model(model, merged, None, dtype)
                     tokenizer.save_pretrained(merged)
             else:
-                model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+                save_model(model, tmp, state_dict, dtype)
             tokenizer.save_pretrained(tmp)
             chmod_tree(tmp)  # what save_pretrained wrote gets the user's umask, as everything fastdpo writes
             names = os.listdir(tmp)
@@ -379,6 +380,24 @@ def save_final(output_dir: str, model, tokenizer, results: dict, lora: bool = Fa
                                                                             _nbytes(model))
         raise WriteError(f"{cause}; {where}") from None
     return model
+
+
+def save_model(model, folder: str, state_dict=None, dtype: torch.dtype | None = None) -> None:
+    """`save_pretrained` (safetensors) with the weights in `dtype` (None: as they are), config.json saying so."""
+    state = state_dict if state_dict is not None else model.state_dict()
+    dtype = dtype or next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    if any(v.is_floating_point() and v.dtype != dtype for v in state.values()):
+        cast = {}  # by tensor, so that tied weights stay one tensor
+        state = {k: cast.setdefault(id(v), v.to(dtype)) if v.is_floating_point() else v for k, v in state.items()}
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state)
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("dtype", str(dtype).removeprefix("torch.")) != str(dtype).removeprefix("torch."):
+        config["dtype"] = str(dtype).removeprefix("torch.")  # save_pretrained writes the in-memory model's
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
 
 
 def rng_state() -> dict:

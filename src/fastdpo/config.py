@@ -45,6 +45,12 @@ class Config:
                                  "$XDG_CACHE_HOME/fastdpo/data or ~/.cache/fastdpo/data; off: no cache)", eval=True)
     trust_remote_code: bool = opt(False, "allow model code from the model directory / hub (off: safe default)",
                                  eval=True)
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "dtype of the policy's and reference's weights as loaded and trained; auto: the checkpoint's (its "
+                "config's dtype, float32 where it names none). A copy reference shares the policy's", eval=True)
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "dtype of the saved model's weights; auto: the checkpoint's (the loaded model's, for a model passed "
+                "in memory). Mid-run checkpoints keep the training dtype, for an exact resume")
     # --- data ---------------------------------------------------------------------------------------------------
     data: Optional[str] = opt(None, ".jsonl, .json, .parquet, a save_to_disk directory, a hub data set or "
                                    "builtin:example", eval=True)
@@ -349,11 +355,11 @@ TRL_NAMES = {
     "gradient_accumulation_steps": "batch_size", "warmup_ratio": "warmup_steps", "eval_strategy": "eval_steps",
     "evaluation_strategy": "eval_steps", "save_strategy": "save_steps", "logging_strategy": "logging_steps",
     "disable_tqdm": "progress", "dataset_num_proc": None, "dataloader_num_workers": None, "optim": None,
-    "report_to": None, "disable_dropout": None, "torch_dtype": "precision", "dtype": "precision",
+    "report_to": None, "disable_dropout": None, "dtype": "torch_dtype",
 }
 TRL_HOW = {  # how to say it in fastdpo where a plain rename is not all
     "precompute_ref_log_probs": "--reference precomputed", "bf16": "--precision bf16", "fp16": "--precision fp16",
-    "torch_dtype": "--precision fp32|bf16|fp16", "dtype": "--precision fp32|bf16|fp16",
+    "dtype": "--torch_dtype auto|float32|bfloat16|float16 (the weights' dtype; --precision sets autocast)",
     "use_peft": "--lora_r R (a rank above 0 is LoRA)", "sync_ref_model": "--ref_sync_steps N",
     "gradient_accumulation_steps": "--batch_size (the pairs of one optimizer step over all processes; "
                                    "--micro_batch_size is the pairs of one forward pass)",

@@ -14,7 +14,8 @@ from fastdpo.errors import UserError
 from fastdpo.logps import LogpsModule, choose_layout
 from fastdpo.losses import REFERENCE_FREE
 from fastdpo.metrics import pooled_means
-from fastdpo.models import Inputs, check_models, is_lora, load_model, policy_tokenizer, reference_weights
+from fastdpo.models import (DTYPES, Inputs, check_models, is_lora, load_model, policy_tokenizer, reference_weights,
+                            weights_dtype)
 from fastdpo.reference import Reference, build_reference
 from fastdpo.runtime import Processes, Runtime, start
 from fastdpo.step import score_batch
@@ -93,7 +94,10 @@ def run_eval(cfg: Config, inputs: Inputs | None = None) -> EvalResult:
         max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, on_bad_record=cfg.on_bad_record,
         cache_dir=data_cache_dir(cfg), progress=runtime.main and sys.stderr.isatty(), log=runtime.log)
     runtime.log(stats.summary())
-    policy = inputs.model if inputs.model is not None else load_model(cfg.model, cfg.seed, cfg.trust_remote_code)
+    if inputs.model is not None:
+        policy = inputs.model if cfg.torch_dtype == "auto" else inputs.model.to(DTYPES[cfg.torch_dtype])
+    else:
+        policy = load_model(cfg.model, cfg.seed, cfg.trust_remote_code, dtype=weights_dtype(cfg, cfg.model))
     policy = policy.eval().to(runtime.device)
     body = policy.get_base_model() if is_lora(policy) else policy  # a peft model scores with its adapters on
     weights = reference_weights(cfg, policy, inputs, runtime.device)

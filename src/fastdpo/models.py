@@ -181,10 +181,39 @@ def _with_pad(tokenizer, name: str):
     return tokenizer
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_dtype(model) -> torch.dtype:
+    """The dtype a model's weights were saved in (`model`: a loaded model, or its path / hub id / builtin name):
+    a loaded model's own, else its config's `dtype`, float32 where the config names none."""
+    if not isinstance(model, str):
+        return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    config = model_config(model)
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    value = getattr(torch, value, None) if isinstance(value, str) else value
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
+def weights_dtype(cfg, model) -> torch.dtype:
+    """The dtype `model` (as `checkpoint_dtype` takes it) is loaded and trained in: --torch_dtype, or its own."""
+    return checkpoint_dtype(model) if cfg.torch_dtype == "auto" else DTYPES[cfg.torch_dtype]
+
+
+def save_dtype(cfg, inputs: Inputs) -> torch.dtype:
+    """The dtype the trained policy is saved in: --save_dtype, or the checkpoint's."""
+    if cfg.save_dtype != "auto":
+        return DTYPES[cfg.save_dtype]
+    return checkpoint_dtype(inputs.model if inputs.model is not None else cfg.model)
+
+
 def load_policy(cfg, inputs: Inputs):
-    """The policy to train, dropout off, with LoRA adapters when the config asks for them."""
-    model = inputs.model if inputs.model is not None else load_model(
-        cfg.model, cfg.seed, cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit)
+    """The policy to train in the dtype --torch_dtype says, dropout off, with LoRA adapters when the config asks."""
+    if inputs.model is not None:
+        model = inputs.model if cfg.torch_dtype == "auto" else inputs.model.to(DTYPES[cfg.torch_dtype])
+    else:
+        model = load_model(cfg.model, cfg.seed, cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit,
+                           dtype=weights_dtype(cfg, cfg.model))
     disable_dropout(model)  # before LoRA wraps it, so --lora_dropout keeps its value
     if cfg.lora:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.adapter)
@@ -207,8 +236,11 @@ def reference_weights(cfg, policy, inputs: Inputs, device) -> ReferenceWeights:
     if cfg.reference == "none":
         return ReferenceWeights("none")
     if inputs.ref_model is not None or cfg.ref_model:
-        model = inputs.ref_model if inputs.ref_model is not None else load_model(
-            cfg.ref_model, cfg.seed, cfg.trust_remote_code, flag="ref_model")
+        if inputs.ref_model is not None:
+            model = inputs.ref_model if cfg.torch_dtype == "auto" else inputs.ref_model.to(DTYPES[cfg.torch_dtype])
+        else:
+            model = load_model(cfg.ref_model, cfg.seed, cfg.trust_remote_code, flag="ref_model",
+                               dtype=weights_dtype(cfg, cfg.ref_model))
     elif is_lora(policy):
         return ReferenceWeights("adapters")
     elif cfg.reference == "precomputed":
@@ -238,24 +270,24 @@ def adapter_base(path: str) -> str | None:
 
 
 def load_model(name: str, seed: int = 42, trust_remote_code: bool = False, flag: str = "model",
-               load_in_4bit: bool = False):
-    """A causal LM in float32 and eval mode (dropout off); mixed precision is applied by autocast.
+               load_in_4bit: bool = False, dtype: torch.dtype = torch.float32):
+    """A causal LM with `dtype` weights, in eval mode (dropout off); mixed precision is applied by autocast.
 
     An adapter directory loads its base with the adapter merged in (for scoring: `eval`, `--ref_model`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if os.path.isdir(name) and adapter_base(name):
-        return _load_adapter_merged(name, seed, trust_remote_code, flag)
+        return _load_adapter_merged(name, seed, trust_remote_code, flag, dtype)
     source = _source(name, flag)
     try:
         if name in BUILTIN_MODELS:
             config = AutoConfig.from_pretrained(source)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # the built-in model is its config plus a seeded initialisation
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
             model.name_or_path = name  # recorded by peft as an adapter's base
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype,
                                                          trust_remote_code=trust_remote_code,
                                                          **_quantization(load_in_4bit, flag))
             if os.path.isdir(source):  # recorded as an adapter's base: a path that works from any directory
@@ -295,8 +327,8 @@ def _peft():
     return peft
 
 
-def _load_adapter_merged(path: str, seed: int, trust_remote_code: bool, flag: str):
-    base = load_model(adapter_base(path), seed, trust_remote_code, flag)
+def _load_adapter_merged(path: str, seed: int, trust_remote_code: bool, flag: str, dtype: torch.dtype):
+    base = load_model(adapter_base(path), seed, trust_remote_code, flag, dtype=dtype)
     try:
         model = _peft().PeftModel.from_pretrained(base, path)
     except Exception as e:

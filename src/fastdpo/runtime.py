@@ -158,6 +158,12 @@ class Runtime:
                                            if not k.startswith("offload_optimizer")}
             if config["zero_optimization"]["stage"] != 3:
                 config["zero_optimization"]["stage"] = 0
+        hidden = getattr(module.model.config.get_text_config(), "hidden_size", None)
+        if isinstance(hidden, int):  # sized to the model as Hugging Face's "auto" does; DeepSpeed's own are GPU-sized
+            for key, value in (("reduce_bucket_size", hidden * hidden),
+                               ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                               ("stage3_param_persistence_threshold", 10 * hidden)):
+                config["zero_optimization"].setdefault(key, value)
         if config["zero_optimization"]["stage"] == 3 and module.layout.head == "chunked":
             # the chunked head reads the lm_head's weight in this module's forward, not in the lm_head's own
             for param in module.model.get_output_embeddings().parameters():
@@ -359,7 +365,7 @@ def deepspeed_options(cfg: Config, stage: int, micro: int) -> dict:
                       ("train_micro_batch_size_per_gpu", "--micro_batch_size"),
                       ("gradient_accumulation_steps", "--batch_size and --micro_batch_size")):
         value = from_file.get(key)
-        if value not in (None, "auto") and not (isinstance(value, dict) and not value.get("enabled", True)):
+        if value not in (None, "auto") and not (isinstance(value, dict) and value.get("enabled") in (False, "auto")):
             refuse(f"{key} (in deepspeed_config_file)", f"fastdpo sets it from {flag}; remove it or write \"auto\"")
     if env("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1") not in ("1", "auto"):
         refuse("gradient_accumulation_steps > 1", "accumulation follows from --batch_size and --micro_batch_size")

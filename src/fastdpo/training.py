@@ -24,7 +24,7 @@ from fastdpo.evaluation import evaluate_pairs
 from fastdpo.logps import LogpsModule, choose_layout
 from fastdpo.metrics import LogWindow, MetricsFile, NoMetricsFile, ProgressBar, StepRecord, mean_metrics
 from fastdpo.outputs import Plan, atomic_write_text, claim, plan_output_dir, recorded, remove_ours, write_error
-from fastdpo.models import Inputs, check_models, is_lora, load_policy, policy_tokenizer, reference_weights
+from fastdpo.models import Inputs, check_models, is_lora, load_policy, policy_tokenizer, reference_weights, save_dtype
 from fastdpo.reference import Reference, build_reference, placed, sync_reference
 from fastdpo.runtime import Processes, Runtime, start
 from fastdpo.step import score_batch
@@ -62,6 +62,7 @@ class Run:
     state: TrainerState
     plan: Plan  # what the run does with its output directory
     micro_batch_size: int  # pairs per forward pass per process
+    save_dtype: Any = None  # torch dtype of the saved model's weights
 
     @property
     def pad_token_id(self) -> int:
@@ -157,7 +158,7 @@ def fit(run: Run) -> TrainResult:
     if rt.main:
         results = {"steps": state.total_steps, "eval_before": state.eval_before, "eval_after": eval_after}
         trained = save_final(cfg.output_dir, trained, run.tokenizer, results, is_lora(trained), cfg.merge_lora,
-                             state_dict)
+                             state_dict, run.save_dtype)
         print_summary(cfg, state.eval_before, eval_after)
     rt.accelerator.wait_for_everyone()
     return TrainResult(cfg.output_dir, state.total_steps, state.eval_before, eval_after, last, model=trained)
@@ -183,6 +184,7 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     cfg = check_models(cfg, inputs, tokenizer, runtime.log)  # before the heavy work; lengths the models can take
     pairs = load_set(cfg, tokenizer, inputs.data, "data", runtime)
     eval_pairs = load_set(cfg, tokenizer, inputs.eval_data, "eval_data", runtime)
+    saved_as = save_dtype(cfg, inputs)  # the checkpoint's, before --torch_dtype casts a model passed in memory
     policy = load_policy(cfg, inputs).to(runtime.device)
     weights = reference_weights(cfg, policy, inputs, runtime.device)
     body = policy.get_base_model() if is_lora(policy) else policy  # the Hugging Face model, LoRA layers injected
@@ -207,7 +209,7 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     references = placed(references, runtime)  # a reference model is sharded like the policy, once it is prepared
     run = Run(cfg, runtime, tokenizer, pairs, eval_pairs, policy, runner, layout, references["train"],
               references.get("eval"), optimizer, scheduler, state, plan,
-              cfg.micro_batch_size or cfg.batch_size // world)
+              cfg.micro_batch_size or cfg.batch_size // world, saved_as)
     if plan.resume_from:
         run.state = resume(run)
     return run
