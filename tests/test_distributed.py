@@ -291,10 +291,15 @@ def test_a_full_disk_at_a_sharded_checkpoint_is_one_line_on_every_process(base, 
 def test_a_strategy_that_cannot_run_says_so(base, tmp_path):
     fsdp1 = tmp_path / "fsdp1.yaml"
     fsdp1.write_text(open(os.path.join(CONFIGS, "fsdp.yaml")).read().replace("fsdp_version: 2", "fsdp_version: 1"))
+    own_head = tmp_path / "own_head.yaml"  # nn.Linear as a unit class: the lm_head would be a unit of its own
+    own_head.write_text(open(os.path.join(CONFIGS, "fsdp.yaml")).read().replace(
+        "fsdp_version: 2", "fsdp_version: 2\n  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer,Linear"))
     cases = [(["--precision", "fp16"], "fsdp.yaml", "--precision"),  # fp16 needs CUDA; under FSDP it is refused too
              (["--strategy", "ddp"], "fsdp.yaml", "--strategy ddp: the processes were launched with an accelerate "
                                                  "config for FSDP"),
              ([], str(fsdp1), "fsdp_version 1 is not supported yet; fastdpo shards with FSDP2"),
+             ([], str(own_head), "fsdp_transformer_layer_cls_to_wrap: Linear would make the lm_head a unit of its "
+                                 "own; fastdpo keeps it in the root unit"),
              (["--lora_r", "4"], "fsdp.yaml", "--lora_r: not supported under FSDP yet")]
     try:
         import deepspeed  # noqa: F401  accelerate's launcher needs it to read a DeepSpeed config
@@ -394,6 +399,51 @@ def test_deepspeed_checkpoints_are_its_own_and_resume_exactly(base, single, tmp_
         assert sorted(os.listdir(out / "checkpoints" / "step-1")) == before
     launch(base, out, 2, "--eval_data", base[2], "--save_steps", "1", "--resume", "--strategy", "zero2")
     assert_same_weights(single, out, atol=ATOL)
+
+
+MAIN_READS = """
+import os
+import sys
+
+import safetensors
+
+opened = safetensors.safe_open
+
+
+def safe_open(path, *args, **kwargs):  # the weights are there for the main process only
+    if os.environ["RANK"] != "0" and str(path).endswith("model.safetensors") and "/model/" in str(path):
+        raise PermissionError(f"process {os.environ['RANK']} may not read {path}")
+    return opened(path, *args, **kwargs)
+
+
+safetensors.safe_open = safe_open
+import safetensors.torch  # noqa: E402
+
+safetensors.torch.safe_open = safe_open
+from fastdpo.cli import main  # noqa: E402
+
+main(sys.argv[1:])
+"""
+
+
+def test_under_fsdp_only_the_main_process_reads_the_weights(base, single, tmp_path):
+    """The other processes build the model on the meta device and receive their shards (a process other than the
+    main one that opened the weights file would fail here); the result is one process's."""
+    script = tmp_path / "main_reads.py"
+    script.write_text(MAIN_READS)
+    root, model, data = base
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+            "train", "--model", model, "--data", data, "--output_dir", str(tmp_path / "f"), *FLAGS,
+            "--strategy", "fsdp", "--eval_data", base[2]]
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the main process loads the weights; the other 1 build the model on the meta device" in result.stderr
+    assert_same_weights(single, tmp_path / "f", atol=ATOL)
+    env["RANK"] = "1"  # the guard itself: process 1 cannot load the model alone
+    alone = subprocess.run([sys.executable, str(script), "train", "--model", model, "--data", data, "--output_dir",
+                            str(tmp_path / "alone"), *FLAGS], capture_output=True, text=True, env=env, timeout=600)
+    assert alone.returncode != 0 and "may not read" in alone.stderr, alone.stderr[-2000:]
 
 
 SKIPPING = """

@@ -207,13 +207,14 @@ def save_dtype(cfg, inputs: Inputs) -> torch.dtype:
     return checkpoint_dtype(inputs.model if inputs.model is not None else cfg.model)
 
 
-def load_policy(cfg, inputs: Inputs):
-    """The policy to train in the dtype --torch_dtype says, dropout off, with LoRA adapters when the config asks."""
+def load_policy(cfg, inputs: Inputs, meta: bool = False):
+    """The policy to train in the dtype --torch_dtype says, dropout off, with LoRA adapters when the config asks.
+    `meta`: its structure only (`load_model`)."""
     if inputs.model is not None:
         model = inputs.model if cfg.torch_dtype == "auto" else inputs.model.to(DTYPES[cfg.torch_dtype])
     else:
         model = load_model(cfg.model, cfg.seed, cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit,
-                           dtype=weights_dtype(cfg, cfg.model))
+                           dtype=weights_dtype(cfg, cfg.model), meta=meta)
     disable_dropout(model)  # before LoRA wraps it, so --lora_dropout keeps its value
     if cfg.lora:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.adapter)
@@ -231,8 +232,9 @@ class ReferenceWeights:
     model: Any = None
 
 
-def reference_weights(cfg, policy, inputs: Inputs, device) -> ReferenceWeights:
-    """The reference the config asks for, loaded (or copied) onto `device` and frozen, with dropout off."""
+def reference_weights(cfg, policy, inputs: Inputs, device, meta: bool = False) -> ReferenceWeights:
+    """The reference the config asks for, loaded (or copied) onto `device` (None: where it is) and frozen, with
+    dropout off. `meta`: a --ref_model's structure only (`load_model`)."""
     if cfg.reference == "none":
         return ReferenceWeights("none")
     if inputs.ref_model is not None or cfg.ref_model:
@@ -240,7 +242,7 @@ def reference_weights(cfg, policy, inputs: Inputs, device) -> ReferenceWeights:
             model = inputs.ref_model if cfg.torch_dtype == "auto" else inputs.ref_model.to(DTYPES[cfg.torch_dtype])
         else:
             model = load_model(cfg.ref_model, cfg.seed, cfg.trust_remote_code, flag="ref_model",
-                               dtype=weights_dtype(cfg, cfg.ref_model))
+                               dtype=weights_dtype(cfg, cfg.ref_model), meta=meta)
     elif is_lora(policy):
         return ReferenceWeights("adapters")
     elif cfg.reference == "precomputed":
@@ -248,7 +250,8 @@ def reference_weights(cfg, policy, inputs: Inputs, device) -> ReferenceWeights:
     else:
         model = copy.deepcopy(policy)  # before anything has trained the policy
     disable_dropout(model)
-    return ReferenceWeights("model", model.eval().requires_grad_(False).to(device))
+    model = model.eval().requires_grad_(False)
+    return ReferenceWeights("model", model if device is None else model.to(device))
 
 
 def disable_dropout(model) -> None:
@@ -270,8 +273,9 @@ def adapter_base(path: str) -> str | None:
 
 
 def load_model(name: str, seed: int = 42, trust_remote_code: bool = False, flag: str = "model",
-               load_in_4bit: bool = False, dtype: torch.dtype = torch.float32):
+               load_in_4bit: bool = False, dtype: torch.dtype = torch.float32, meta: bool = False):
     """A causal LM with `dtype` weights, in eval mode (dropout off); mixed precision is applied by autocast.
+    `meta`: its structure only, on the meta device, for a process that receives its weights from another.
 
     An adapter directory loads its base with the adapter merged in (for scoring: `eval`, `--ref_model`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -280,7 +284,11 @@ def load_model(name: str, seed: int = 42, trust_remote_code: bool = False, flag:
         return _load_adapter_merged(name, seed, trust_remote_code, flag, dtype)
     source = _source(name, flag)
     try:
-        if name in BUILTIN_MODELS:
+        if meta:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(model_config(name, trust_remote_code, flag), dtype=dtype,
+                                                         trust_remote_code=trust_remote_code)
+        elif name in BUILTIN_MODELS:
             config = AutoConfig.from_pretrained(source)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # the built-in model is its config plus a seeded initialisation

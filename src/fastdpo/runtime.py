@@ -80,6 +80,7 @@ class Runtime:
     processes: Processes
     strategy: str  # "single", "ddp", "fsdp" or "deepspeed"
     options: dict = field(default_factory=dict)  # FSDP: reshard_after_forward, layers; DeepSpeed: its config
+    weights_on_main: bool = False  # only the main process reads the weights (see `start`)
 
     @property
     def device(self) -> torch.device:
@@ -97,6 +98,24 @@ class Runtime:
     @property
     def zero3(self) -> bool:
         return self.strategy == "deepspeed" and self.options["zero_optimization"]["stage"] == 3
+
+    def on_main(self, work):
+        """`work()` on the main process, its result on every process. A failure there stops the others too, with
+        one line (they would otherwise wait for the result for ever)."""
+        result = failure = None
+        if self.main:
+            try:
+                result = work()
+            except Exception as e:
+                failure = e
+        summary = None if failure is None else (str(failure) if isinstance(failure, UserError) else
+                                                f"{type(failure).__name__}: {str(failure)[:200]}")
+        result, summary = self.processes.gather((result, summary))[0]
+        if failure is not None:
+            raise failure
+        if summary is not None:
+            raise UserError(f"stopped because the main process failed: {summary}")
+        return result
 
     def log(self, text: str) -> None:
         """A line on stderr, from the main process only."""
@@ -135,15 +154,37 @@ class Runtime:
         names = {id(p): name for name, p in module.named_parameters()}
         layers = set(self.options.get("layers") or module._no_split_modules or ())
         reshard = self.options["reshard_after_forward"]
+        head = module.model.get_output_embeddings() if hasattr(module.model, "get_output_embeddings") else None
+        if head is not None and type(head).__name__ in layers:
+            raise UserError(f"fsdp_transformer_layer_cls_to_wrap: {type(head).__name__} would make the lm_head a unit "
+                            "of its own; fastdpo keeps it in the root unit, where the chunked head reads its gathered "
+                            f"weight: list the decoder layer classes only ({', '.join(module._no_split_modules or [])})",
+                            exit_code=2)
+        full = module.state_dict() if self.weights_on_main and self.main else None  # the weights the others get
         for sub in reversed(list(module.modules())):  # inner units first, should layer classes nest
             if type(sub).__name__ in layers:
                 fully_shard(sub, reshard_after_forward=reshard)
         fully_shard(module, reshard_after_forward=reshard)
+        if self.weights_on_main:
+            self._receive_weights(module, full)
         if optimizer is not None:
             sharded = dict(module.named_parameters())
             for group in optimizer.param_groups:
                 group["params"] = [sharded[names[id(p)]] for p in group["params"]]
         return module, optimizer
+
+    def _receive_weights(self, module, full: dict | None) -> None:
+        """The main process's weights (`full`, its whole state dict; None on the others) into every process's
+        shards of the sharded `module`, whose parameters are on the meta device on the other processes; its
+        buffers (rotary tables and the like, some not in the state dict) are broadcast whole."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if not self.main:
+            module.to_empty(device=self.device)
+        set_model_state_dict(module, full or {}, options=StateDictOptions(full_state_dict=True,
+                                                                           broadcast_from_rank0=True))
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
     def _deepspeed(self, module, optimizer=None):
         """A DeepSpeed engine around `module` (ZeRO-2: gradients and optimizer state sharded; ZeRO-3: the weights
@@ -293,7 +334,11 @@ def start(cfg: Config) -> Runtime:
     elif strategy == "deepspeed":
         share = cfg.batch_size // world
         options = deepspeed_options(cfg, int(wanted[-1]), min(cfg.micro_batch_size or share, share))
-    return Runtime(accelerator, Processes.current(), strategy, options)
+    # FSDP over several processes: only the main process reads the weights; the others build the model on the meta
+    # device and receive their shards as it is sharded (`_fully_shard`). Except with a precomputed reference, which
+    # every process computes for its share of the pairs with the whole starting policy, before it is sharded.
+    on_main = strategy == "fsdp" and world > 1 and cfg.reference_kind() != "precomputed"
+    return Runtime(accelerator, Processes.current(), strategy, options, on_main)
 
 
 def launch_strategy(cfg: Config, world: int) -> str:

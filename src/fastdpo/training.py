@@ -185,12 +185,12 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     pairs = load_set(cfg, tokenizer, inputs.data, "data", runtime)
     eval_pairs = load_set(cfg, tokenizer, inputs.eval_data, "eval_data", runtime)
     saved_as = save_dtype(cfg, inputs)  # the checkpoint's, before --torch_dtype casts a model passed in memory
-    policy = load_policy(cfg, inputs).to(runtime.device)
-    weights = reference_weights(cfg, policy, inputs, runtime.device)
+    policy, weights = load_models(cfg, inputs, runtime)
     body = policy.get_base_model() if is_lora(policy) else policy  # the Hugging Face model, LoRA layers injected
     live = [weights.model] if weights.kind == "model" and cfg.reference != "precomputed" else []
-    layout = choose_layout(cfg, [body, *live], [pairs, *([eval_pairs] if eval_pairs else [])],
-                           tokenizer.pad_token_id, runtime.device, runtime.log)
+    check = lambda: choose_layout(cfg, [body, *live], [pairs, *([eval_pairs] if eval_pairs else [])],  # noqa: E731
+                                  tokenizer.pad_token_id, next(body.parameters()).device, runtime.log)
+    layout = runtime.on_main(check) if runtime.weights_on_main else check()  # where the weights are
     runtime.log(f"fastdpo: layout: {layout.describe()}")
     module = LogpsModule(body, layout)
     sets = {"train": pairs, **({"eval": eval_pairs} if eval_pairs else {})}
@@ -213,6 +213,20 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     if plan.resume_from:
         run.state = resume(run)
     return run
+
+
+def load_models(cfg: Config, inputs: Inputs, runtime: Runtime):
+    """The policy and the reference's weights, on the run's device. Under FSDP over several processes only the
+    main process reads the weights, and they stay where they were loaded until FSDP moves each process's shards to
+    its device; the other processes hold the models' structure on the meta device (`Runtime.weights_on_main`)."""
+    meta = runtime.weights_on_main and not runtime.main
+    if runtime.weights_on_main:
+        runtime.log(f"fastdpo: FSDP2: the main process loads the weights; the other {runtime.processes.world - 1} "
+                    "build the model on the meta device and receive their shards")
+    policy = load_policy(cfg, inputs, meta=meta)
+    device = None if runtime.weights_on_main else runtime.device  # the main process's stay on its CPU
+    policy = policy if device is None else policy.to(device)
+    return policy, reference_weights(cfg, policy, inputs, device, meta=meta)
 
 
 def require_inputs(cfg: Config, inputs: Inputs) -> None:
@@ -242,8 +256,14 @@ def load_set(cfg: Config, tokenizer, in_memory, name: str, runtime: Runtime) -> 
 def make_optimizer(cfg: Config, policy, device) -> torch.optim.Optimizer:
     trainable = [p for p in policy.parameters() if p.requires_grad]
     fused = device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in trainable)
-    return torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=fused or None)
+    meta = any(p.is_meta for p in trainable)  # FSDP gives it its parameters on `device` (Runtime._fully_shard)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+                                  fused=(fused and not meta) or None)
+    if fused and meta:  # the fused kernel on every process alike; AdamW's constructor refuses meta parameters
+        for group in optimizer.param_groups:
+            group["fused"] = True
+    return optimizer
 
 
 def lr_lambda(cfg: Config, total_steps: int):
