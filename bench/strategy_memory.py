@@ -4,8 +4,9 @@ gloo), on a random Llama of about 150M parameters; fastdpo only.
     python bench/strategy_memory.py --workdir /tmp/smem
 
 Each configuration trains 2 optimizer steps of 8 pairs (the package's example pairs) in micro-batches of 2, fp32,
-the copy reference, AdamW, with glibc's mmap threshold fixed at 1 MiB (see --mmap-threshold). Every process records its own peak resident set (VmHWM) at exit; the table gives the largest over the
-processes of a run and the ratio to one process. Weights (fp32), gradients and the two AdamW moments of a
+the copy reference, AdamW, with glibc's mmap threshold fixed at 1 MiB (see --mmap-threshold). Every process records its
+own peak resident set (VmHWM) at the end of set-up (the models loaded, sharded and placed) and at exit; the table
+gives both for each process, and the ratio of a run's largest peak to one process's. Weights (fp32), gradients and the two AdamW moments of a
 150M-parameter model are 0.6 GB each; the frozen reference copy another 0.6 GB.
 """
 
@@ -40,14 +41,30 @@ def build(model_dir: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def peak_gib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
+
+
 def child(argv: list[str]) -> None:
-    """fastdpo's CLI, writing this process's peak resident set to $PEAK_DIR/rank-N.json at exit."""
+    """fastdpo's CLI, writing this process's peak resident set at the end of set-up (models loaded, sharded and
+    placed) and at exit to $PEAK_DIR/rank-N.json."""
+    import fastdpo.training as training
+
+    setup_peak = []
+    setup = training.setup
+
+    def measured_setup(*args, **kwargs):
+        run = setup(*args, **kwargs)
+        setup_peak.append(peak_gib())
+        return run
+
+    training.setup = measured_setup
+
     def record():
-        with open("/proc/self/status") as f:
-            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
         rank = os.environ.get("RANK", "0")
         with open(os.path.join(os.environ["PEAK_DIR"], f"rank-{rank}.json"), "w") as f:
-            json.dump({"rank": int(rank), "peak_gib": peak}, f)
+            json.dump({"rank": int(rank), "peak_gib": peak_gib(), "setup_gib": setup_peak[0]}, f)
 
     atexit.register(record)
     from fastdpo.cli import main
@@ -73,8 +90,9 @@ def run(name: str, launcher: list[str], flags: list[str], workdir: str) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         return {"error": proc.stderr[-1500:]}
-    peaks = [json.load(open(os.path.join(peak_dir, n)))["peak_gib"] for n in sorted(os.listdir(peak_dir))]
-    return {"peaks_gib": peaks, "wall_s": wall}
+    records = [json.load(open(os.path.join(peak_dir, n))) for n in sorted(os.listdir(peak_dir))]
+    return {"peaks_gib": [r["peak_gib"] for r in records], "setup_gib": [r["setup_gib"] for r in records],
+            "wall_s": wall}
 
 
 def main() -> None:
@@ -117,13 +135,14 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
         results[name] = run(name, launcher, flags, args.workdir)
     base = max(results["one process"].get("peaks_gib", [float("nan")]))
-    print(f"\n{'run':<22}{'peak GiB per process':>26}{'largest / one process':>24}{'wall s':>9}")
+    print(f"\n{'run':<22}{'peak GiB per process':>24}{'largest / one process':>24}{'at set-up end':>16}"
+          f"{'wall s':>9}")
     for name, r in results.items():
         if "error" in r:
             print(f"{name:<22} FAILED: {r['error'][-300:]}")
             continue
-        peaks = ", ".join(f"{x:.2f}" for x in r["peaks_gib"])
-        print(f"{name:<22}{peaks:>26}{max(r['peaks_gib']) / base:>24.2f}{r['wall_s']:>9.1f}")
+        peaks, setup = (", ".join(f"{x:.2f}" for x in r[key]) for key in ("peaks_gib", "setup_gib"))
+        print(f"{name:<22}{peaks:>24}{max(r['peaks_gib']) / base:>24.2f}{setup:>16}{r['wall_s']:>9.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
