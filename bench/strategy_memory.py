@@ -4,10 +4,11 @@ gloo), on a random Llama of about 150M parameters; fastdpo only.
     python bench/strategy_memory.py --workdir /tmp/smem
 
 Each configuration trains 2 optimizer steps of 8 pairs (the package's example pairs) in micro-batches of 2, fp32,
-the copy reference, AdamW, with glibc's mmap threshold fixed at 1 MiB (see --mmap-threshold). Every process records its
-own peak resident set (VmHWM) at the end of set-up (the models loaded, sharded and placed) and at exit; the table
-gives both for each process, and the ratio of a run's largest peak to one process's. Weights (fp32), gradients and the two AdamW moments of a
-150M-parameter model are 0.6 GB each; the frozen reference copy another 0.6 GB.
+the copy reference, AdamW, with glibc's mmap threshold fixed at 1 MiB (see --mmap-threshold). Every process
+records its own peak resident set (VmHWM) at the end of set-up (the models loaded, sharded and placed) and at
+exit; the table gives both for each process, and the ratio of a run's largest peak to one process's. Weights
+(fp32), gradients and the two AdamW moments of a 150M-parameter model are 0.6 GB each; the frozen reference copy
+another 0.6 GB.
 """
 
 from __future__ import annotations

@@ -336,7 +336,8 @@ def test_a_strategy_that_cannot_run_says_so(base, tmp_path):
     before = sorted(os.listdir(tmp_path / "ddp" / "checkpoints" / "step-1"))
     result = launch(base, tmp_path / "ddp", 2, "--save_steps", "1", "--max_steps", "2", "--resume", config="fsdp.yaml",
                     expect_code=1)
-    assert "was written without FSDP or DeepSpeed; resume it with DDP or one process" in result.stderr, result.stderr[-2000:]
+    assert "was written without FSDP or DeepSpeed; resume it with DDP or one process" in result.stderr, \
+        result.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "ddp" / "checkpoints" / "step-1")) == before
 
 
@@ -399,6 +400,31 @@ def test_deepspeed_checkpoints_are_its_own_and_resume_exactly(base, single, tmp_
         assert sorted(os.listdir(out / "checkpoints" / "step-1")) == before
     launch(base, out, 2, "--eval_data", base[2], "--save_steps", "1", "--resume", "--strategy", "zero2")
     assert_same_weights(single, out, atol=ATOL)
+
+
+@pytest.mark.parametrize("name, strategy", [("gpt2", "fsdp"), ("gpt2", "zero3"), ("gemma", "fsdp"),
+                                            ("qwen2", "zero3"), ("mistral", "fsdp")])
+def test_other_families_shard_and_equal_one_process(base, tmp_path, name, strategy):
+    """GPT-2 (tied embeddings, Conv1D layers), Gemma (tied, scaled embeddings), Qwen2 and Mistral: the sharded run
+    saves the keys one process saves (a tied lm_head once) with its values."""
+    if strategy != "fsdp":
+        needs_deepspeed()
+    from test_checks import family
+
+    from conftest import load_state
+    from fastdpo.models import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin:tiny")
+    family(name, vocab=len(tokenizer) + 8).save_pretrained(tmp_path / "model")  # room for a family's own specials
+    tokenizer.save_pretrained(tmp_path / "model")
+    fam = (tmp_path, str(tmp_path / "model"), base[2])
+    flags = ["--eval_data", base[2], "--max_steps", "2"]
+    launch(fam, tmp_path / "one", 1, *flags)
+    launch(fam, tmp_path / "two", 2, *flags, "--strategy", strategy)
+    one, two = load_state(tmp_path / "one"), load_state(tmp_path / "two")
+    assert sorted(one) == sorted(two)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=ATOL, rtol=0, msg=key)
 
 
 MAIN_READS = """

@@ -158,7 +158,8 @@ class Runtime:
         if head is not None and type(head).__name__ in layers:
             raise UserError(f"fsdp_transformer_layer_cls_to_wrap: {type(head).__name__} would make the lm_head a unit "
                             "of its own; fastdpo keeps it in the root unit, where the chunked head reads its gathered "
-                            f"weight: list the decoder layer classes only ({', '.join(module._no_split_modules or [])})",
+                            "weight: list the decoder layer classes only "
+                            f"({', '.join(module._no_split_modules or [])})",
                             exit_code=2)
         full = module.state_dict() if self.weights_on_main and self.main else None  # the weights the others get
         for sub in reversed(list(module.modules())):  # inner units first, should layer classes nest
@@ -266,12 +267,25 @@ class Runtime:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            state = state if self.main else None
+            state = _tied(module, state) if self.main else None
         elif self.zero3:
             state = module._zero3_consolidated_16bit_state_dict()  # layer by layer onto the main process, any dtype
         else:  # ZeRO-2: every process holds the weights whole
             return None
         return {key.removeprefix("model."): value for key, value in state.items()} if state else state
+
+
+def _tied(module, state: dict) -> dict:
+    """`state` with the names of one shared parameter (tied embeddings) on one tensor, as the model holds them,
+    so that `save_pretrained` saves it once (the gathered state dict has a copy per name)."""
+    names: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for first, *others in names.values():
+        for other in others:
+            if first in state and other in state:
+                state[other] = state[first]
+    return state
 
 
 class EngineOptimizer:
@@ -420,7 +434,8 @@ def deepspeed_options(cfg: Config, stage: int, micro: int) -> dict:
                f"--max_grad_norm {clipping} or remove it from the config")
     zero = dict(from_file.get("zero_optimization", {}), stage=stage)
     for part in ("optimizer", "param"):
-        device = zero.get(f"offload_{part}", {}).get("device", env(f"ACCELERATE_DEEPSPEED_OFFLOAD_{part.upper()}_DEVICE"))
+        default = env(f"ACCELERATE_DEEPSPEED_OFFLOAD_{part.upper()}_DEVICE")
+        device = zero.get(f"offload_{part}", {}).get("device", default)
         if str(device).lower() not in ("none", ""):
             refuse(f"offload_{part}_device {device}", "set it to none")
     if env("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false") == "true":
