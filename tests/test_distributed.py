@@ -291,6 +291,9 @@ def test_a_full_disk_at_a_sharded_checkpoint_is_one_line_on_every_process(base, 
 def test_a_strategy_that_cannot_run_says_so(base, tmp_path):
     fsdp1 = tmp_path / "fsdp1.yaml"
     fsdp1.write_text(open(os.path.join(CONFIGS, "fsdp.yaml")).read().replace("fsdp_version: 2", "fsdp_version: 1"))
+    zero2_like = tmp_path / "grad_op.yaml"
+    zero2_like.write_text(open(os.path.join(CONFIGS, "fsdp.yaml")).read().replace(
+        "fsdp_version: 2", "fsdp_version: 2\n  fsdp_sharding_strategy: SHARD_GRAD_OP"))
     own_head = tmp_path / "own_head.yaml"  # nn.Linear as a unit class: the lm_head would be a unit of its own
     own_head.write_text(open(os.path.join(CONFIGS, "fsdp.yaml")).read().replace(
         "fsdp_version: 2", "fsdp_version: 2\n  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer,Linear"))
@@ -298,6 +301,8 @@ def test_a_strategy_that_cannot_run_says_so(base, tmp_path):
              (["--strategy", "ddp"], "fsdp.yaml", "--strategy ddp: the processes were launched with an accelerate "
                                                  "config for FSDP"),
              ([], str(fsdp1), "fsdp_version 1 is not supported yet; fastdpo shards with FSDP2"),
+             ([], str(zero2_like), "fsdp_sharding_strategy SHARD_GRAD_OP is not supported yet; fastdpo shards fully "
+                                   "(FULL_SHARD) or within each machine (HYBRID_SHARD)"),
              ([], str(own_head), "fsdp_transformer_layer_cls_to_wrap: Linear would make the lm_head a unit of its "
                                  "own; fastdpo keeps it in the root unit"),
              (["--lora_r", "4"], "fsdp.yaml", "--lora_r: not supported under FSDP yet")]
@@ -425,6 +430,34 @@ def test_other_families_shard_and_equal_one_process(base, tmp_path, name, strate
     assert sorted(one) == sorted(two)
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=ATOL, rtol=0, msg=key)
+
+
+def test_hybrid_sharding_over_two_machines_equals_one_process_and_resumes_under_fsdp(base, single, tmp_path):
+    """Two machines of one process each (two torchrun launches that meet at one address): HSDP replicates the
+    weights across the machines and shards them within each; its sharded checkpoint resumes under FSDP2 on one
+    machine of 2 processes, to the uninterrupted run's weights."""
+    import socket
+
+    root, model, data = base
+    out = tmp_path / "h"
+    with socket.socket() as sock:  # a free port for the two launches to meet on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    machines = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+                                  "1", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port",
+                                  str(port), "-m", "fastdpo", "train", "--model", model, "--data", data,
+                                  "--output_dir", str(out), *FLAGS, "--strategy", "hsdp", "--save_steps", "1",
+                                  "--save_total_limit", "0", "--eval_data", base[2]],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for rank in (0, 1)]
+    results = [machine.communicate(timeout=600) for machine in machines]
+    assert [m.returncode for m in machines] == [0, 0], results[0][1][-3000:]
+    assert "HSDP (2 replicas, each sharded over 1 processes) over 2 processes" in results[0][1]
+    assert_same_weights(single, out, atol=ATOL)
+    cut_to(out, 1)
+    launch(base, out, 2, "--eval_data", base[2], "--save_steps", "1", "--resume", "--strategy", "fsdp")
+    assert_same_weights(single, out, atol=ATOL)
 
 
 MAIN_READS = """

@@ -97,9 +97,10 @@ class Config:
     precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "fp32, bf16 or fp16: mixed precision via autocast, "
                                                             "weights and log-softmax in fp32 (fp16: CUDA only)",
                                                     eval=True)
-    strategy: Literal["auto", "ddp", "fsdp", "zero2", "zero3"] = opt(
+    strategy: Literal["auto", "ddp", "fsdp", "hsdp", "zero2", "zero3"] = opt(
         "auto", "how several processes share the work: ddp (every process holds the whole model), fsdp (FSDP2: "
-                "weights, gradients and optimizer state sharded), zero2 (DeepSpeed ZeRO-2: gradients and optimizer "
+                "weights, gradients and optimizer state sharded), hsdp (FSDP2 sharded within each machine, "
+                "replicated across machines), zero2 (DeepSpeed ZeRO-2: gradients and optimizer "
                 "state sharded) or zero3 (ZeRO-3: the weights too); auto: what the accelerate config launched, else "
                 "ddp. One process ignores it")
     # --- outputs ------------------------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ class Runtime:
     strategy: str  # "single", "ddp", "fsdp" or "deepspeed"
     options: dict = field(default_factory=dict)  # FSDP: reshard_after_forward, layers; DeepSpeed: its config
     weights_on_main: bool = False  # only the main process reads the weights (see `start`)
+    _mesh: object = field(default=None, init=False, repr=False)  # FSDP's device mesh, made once
 
     @property
     def device(self) -> torch.device:
@@ -133,7 +134,9 @@ class Runtime:
             module, optimizer = self._fully_shard(module, optimizer)
             local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in module.parameters())
             total = sum(p.numel() for p in module.parameters())
-            self.log(f"fastdpo: FSDP2 over {self.processes.world} processes: the weights, gradients and optimizer "
+            hybrid = self.options.get("mesh")
+            how = f"HSDP ({hybrid[0]} replicas, each sharded over {hybrid[1]} processes)" if hybrid else "FSDP2"
+            self.log(f"fastdpo: {how} over {self.processes.world} processes: the weights, gradients and optimizer "
                      f"state are sharded ({local / total:.1%} of the {total:,} weights on the main process)")
             return module, optimizer
         if self.strategy == "deepspeed":
@@ -162,10 +165,11 @@ class Runtime:
                             f"({', '.join(module._no_split_modules or [])})",
                             exit_code=2)
         full = module.state_dict() if self.weights_on_main and self.main else None  # the weights the others get
+        mesh = self.device_mesh()
         for sub in reversed(list(module.modules())):  # inner units first, should layer classes nest
             if type(sub).__name__ in layers:
-                fully_shard(sub, reshard_after_forward=reshard)
-        fully_shard(module, reshard_after_forward=reshard)
+                fully_shard(sub, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
         if self.weights_on_main:
             self._receive_weights(module, full)
         if optimizer is not None:
@@ -173,6 +177,17 @@ class Runtime:
             for group in optimizer.param_groups:
                 group["params"] = [sharded[names[id(p)]] for p in group["params"]]
         return module, optimizer
+
+    def device_mesh(self):
+        """FSDP's processes: None for full sharding over all of them (FSDP's default mesh); for hybrid sharding
+        (HSDP) a 2-D mesh whose rows replicate and whose columns shard (a machine's processes shard the weights,
+        the machines each hold a replica and all-reduce the gradients)."""
+        if self._mesh is None and self.options.get("mesh"):
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._mesh = init_device_mesh(self.device.type, tuple(self.options["mesh"]),
+                                          mesh_dim_names=("replicate", "shard"))
+        return self._mesh
 
     def _receive_weights(self, module, full: dict | None) -> None:
         """The main process's weights (`full`, its whole state dict; None on the others) into every process's
@@ -329,7 +344,7 @@ def start(cfg: Config) -> Runtime:
     if not (kind.name == "NO" or kind.name.startswith("MULTI_")):
         raise UserError(f"accelerate's {kind.value} launch is not supported; use DDP, FSDP or DeepSpeed "
                         "(configs/accelerate/)", exit_code=2)
-    strategy = {"zero2": "deepspeed", "zero3": "deepspeed"}.get(wanted, wanted)
+    strategy = {"zero2": "deepspeed", "zero3": "deepspeed", "hsdp": "fsdp"}.get(wanted, wanted)
     name = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}.get(strategy)
     if name and cfg.precision == "fp16":  # the raw optimizer would need the grad scaler's unscale and inf checks
         raise UserError(f"--precision fp16: not supported under {name} yet; use --precision bf16", exit_code=2)
@@ -344,7 +359,7 @@ def start(cfg: Config) -> Runtime:
                                 "process)", exit_code=2)
     options = {}
     if strategy == "fsdp":
-        options = fsdp_options()
+        options = fsdp_options(world, hybrid=wanted == "hsdp")
     elif strategy == "deepspeed":
         share = cfg.batch_size // world
         options = deepspeed_options(cfg, int(wanted[-1]), min(cfg.micro_batch_size or share, share))
@@ -364,8 +379,9 @@ def launch_strategy(cfg: Config, world: int) -> str:
     if cfg.strategy == "auto":
         return launcher or "ddp"
     if launcher and launcher != cfg.strategy:
-        names = {"fsdp": "FSDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
-        config = {"zero2": "deepspeed-zero2", "zero3": "deepspeed-zero3"}.get(cfg.strategy, cfg.strategy)
+        names = {"fsdp": "FSDP", "hsdp": "hybrid FSDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
+        config = {"zero2": "deepspeed-zero2", "zero3": "deepspeed-zero3", "hsdp": "fsdp"}.get(cfg.strategy,
+                                                                                               cfg.strategy)
         raise UserError(f"--strategy {cfg.strategy}: the processes were launched with an accelerate config for "
                         f"{names[launcher]}; drop the flag or launch with configs/accelerate/{config}.yaml",
                         exit_code=2)
@@ -376,7 +392,10 @@ def launched() -> str | None:
     """The strategy `accelerate launch` passed in the environment: "fsdp", "zero2", "zero3" or None."""
     env = lambda name: os.environ.get(name, "false").lower() == "true"  # noqa: E731
     if env("ACCELERATE_USE_FSDP"):
-        return "fsdp"
+        hybrid = os.environ.get("FSDP_SHARDING_STRATEGY", "").strip().upper() in ("HYBRID_SHARD", "4") or (
+            env("ACCELERATE_USE_PARALLELISM_CONFIG") and int(os.environ.get("PARALLELISM_CONFIG_DP_REPLICATE_SIZE",
+                                                                            "1")) > 1)
+        return "hsdp" if hybrid else "fsdp"
     if env("ACCELERATE_USE_DEEPSPEED"):
         return f"zero{deepspeed_file_and_stage()[1]}"
     return None
@@ -447,9 +466,10 @@ def deepspeed_options(cfg: Config, stage: int, micro: int) -> dict:
             "zero_allow_untested_optimizer": True, "steps_per_print": 2**62}
 
 
-def fsdp_options() -> dict:
+def fsdp_options(world: int, hybrid: bool = False) -> dict:
     """The FSDP settings of the accelerate config (its `fsdp_config`, passed in the environment), as FSDP2 takes
-    them; settings fastdpo does not apply are refused rather than ignored."""
+    them; settings fastdpo does not apply are refused rather than ignored. `hybrid`: HSDP, each machine's
+    processes sharding one replica (or the accelerate config's `parallelism_config` sizes)."""
     env = lambda name, default="": os.environ.get(name, default).strip().lower()  # noqa: E731
 
     def switch(name: str, default: bool) -> bool:
@@ -468,19 +488,30 @@ def fsdp_options() -> dict:
         refuse("fsdp_version 1", "fastdpo shards with FSDP2 (fsdp_version: 2, as configs/accelerate/fsdp.yaml)")
     if switch("FSDP_OFFLOAD_PARAMS", False):
         refuse("fsdp_offload_params", "set it to false")
-    if switch("FSDP_CPU_RAM_EFFICIENT_LOADING", False):
-        refuse("fsdp_cpu_ram_efficient_loading", "set it to false (every process loads the model, then shards it)")
     if switch("FSDP_ACTIVATION_CHECKPOINTING", False):
         refuse("fsdp_activation_checkpointing", "set it to false and pass --gradient_checkpointing true")
-    if env("FSDP_SHARDING_STRATEGY", "full_shard") not in ("full_shard", "1"):
-        refuse(f"fsdp_sharding_strategy {env('FSDP_SHARDING_STRATEGY').upper()}", "fastdpo shards fully (FULL_SHARD)")
+    if env("FSDP_SHARDING_STRATEGY", "full_shard") not in ("full_shard", "1", "hybrid_shard", "4"):
+        refuse(f"fsdp_sharding_strategy {env('FSDP_SHARDING_STRATEGY').upper()}",
+               "fastdpo shards fully (FULL_SHARD) or within each machine (HYBRID_SHARD)")
+    sizes = {key: int(os.environ.get(f"PARALLELISM_CONFIG_{key.upper()}_SIZE", "1") or 1)
+             for key in ("dp_replicate", "dp_shard", "tp", "cp", "sp")} if switch("ACCELERATE_USE_PARALLELISM_CONFIG",
+                                                                                 False) else {}
+    for key in ("tp", "cp", "sp"):
+        if sizes.get(key, 1) > 1:
+            refuse(f"parallelism_config_{key}_size {sizes[key]}", "fastdpo shards data-parallel only")
+    replicas = sizes.get("dp_replicate", 1)
+    if hybrid and replicas == 1:  # HYBRID_SHARD: the machines replicate, a machine's processes shard
+        replicas = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world % replicas:
+        refuse(f"parallelism_config_dp_replicate_size {replicas}", f"it must divide the {world} processes")
     if env("FSDP_AUTO_WRAP_POLICY", "transformer_based_wrap") not in ("transformer_based_wrap", ""):
         refuse(f"fsdp_auto_wrap_policy {env('FSDP_AUTO_WRAP_POLICY').upper()}",
                "fastdpo wraps each decoder layer (TRANSFORMER_BASED_WRAP)")
     if env("FSDP_IGNORED_MODULES"):
         refuse("fsdp_ignored_modules", "remove it")
     layers = [name.strip() for name in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if name.strip()]
-    return {"reshard_after_forward": switch("FSDP_RESHARD_AFTER_FORWARD", True), "layers": layers or None}
+    return {"reshard_after_forward": switch("FSDP_RESHARD_AFTER_FORWARD", True), "layers": layers or None,
+            "mesh": (replicas, world // replicas) if replicas > 1 else None}
 
 
 def _accelerator(precision: str):
