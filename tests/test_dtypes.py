@@ -88,3 +88,37 @@ def test_trl_dtype_key_points_to_torch_dtype(tmp_path):
     path.write_text("dtype: bfloat16\n")
     with pytest.raises(UserError, match="--torch_dtype"):
         build_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_under_bf16_autocast_a_frozen_reference_holds_bf16_matmul_weights_and_step_0_is_exact(pairs, tmp_path,
+                                                                                             family):
+    """autocast casts the float32 matmul weights to bf16 at every forward: the frozen copy holds them in bf16 (half
+    the bytes), its embeddings and norms (and GPT-2's tied lm_head) in float32, and computes what the policy
+    computes, so the step-0 loss is ln 2 and the margin 0."""
+    from fastdpo.training import fit, setup
+
+    if family == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from fastdpo.models import load_tokenizer
+
+        tokenizer = load_tokenizer("builtin:tiny")
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                                   bos_token_id=0, eos_token_id=1)).save_pretrained(tmp_path / "m")
+        tokenizer.save_pretrained(tmp_path / "m")
+        model = str(tmp_path / "m")
+    else:
+        model = make_model_dir(tmp_path / "m", seed=4)
+    run_ = setup(build_config(["--model", model, "--data", pairs, "--eval_data", pairs, "--output_dir",
+                               str(tmp_path / "out"), "--max_steps", "1", "--batch_size", "4", "--precision", "bf16",
+                               "--progress", "false"]))
+    reference = run_.reference.model
+    dtypes = {name: p.dtype for name, p in reference.named_parameters()}
+    matmuls = [n for n in dtypes if ("proj" in n or "c_attn" in n or "c_fc" in n or n.startswith("lm_head"))]
+    assert matmuls and all(dtypes[n] == torch.bfloat16 for n in matmuls)
+    assert all(dtypes[n] == torch.float32 for n in dtypes if "norm" in n or "ln_" in n or "embed" in n or "wte" in n)
+    assert next(run_.policy.parameters()).dtype == torch.float32
+    result = fit(run_)
+    assert abs(result.eval_before["loss"] - math.log(2)) < 1e-6 and abs(result.eval_before["rewards/margins"]) < 1e-6

@@ -254,6 +254,21 @@ def reference_weights(cfg, policy, inputs: Inputs, device, meta: bool = False) -
     return ReferenceWeights("model", model if device is None else model.to(device))
 
 
+def hold_matmul_weights_in(model, dtype: torch.dtype) -> None:
+    """A frozen model's matmul weights (its linear layers', GPT-2's Conv1D) held in the autocast dtype, the
+    embeddings and norms as they are: autocast casts the float32 weights of those layers to `dtype` at every
+    forward, so under autocast the model computes exactly what it computed before, holding about half the bytes
+    (a tied lm_head stays with its embedding). It then runs under autocast only."""
+    from transformers.pytorch_utils import Conv1D
+
+    embedding = model.get_input_embeddings()
+    tied = {id(p) for p in embedding.parameters()} if embedding is not None else set()
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and id(module.weight) not in tied \
+                and module.weight.dtype == torch.float32:
+            module.to(dtype)
+
+
 def disable_dropout(model) -> None:
     """DPO compares log-probs of the policy and the reference: dropout noise would bias both (TRL does the same)."""
     for module in model.modules():

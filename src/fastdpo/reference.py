@@ -28,7 +28,7 @@ from fastdpo.batching import Batch, Layout
 from fastdpo.outputs import WriteError, atomic_write_bytes
 from fastdpo.config import Config
 from fastdpo.logps import LogpsModule, choose_layout, split_pairs
-from fastdpo.models import ReferenceWeights
+from fastdpo.models import ReferenceWeights, hold_matmul_weights_in
 from fastdpo.runtime import Runtime
 from fastdpo.tokenize import PairSet
 
@@ -121,6 +121,8 @@ def build_reference(cfg: Config, policy, policy_module: LogpsModule, weights: Re
         live, layout = ModelReference(LogpsModule(weights.model, own), weights.model), own
     else:
         live = ModelReference(LogpsModule(weights.model, layout), weights.model)
+    if weights.kind == "model" and runtime.reference_dtype is not None:  # once its layout is checked (in fp32)
+        hold_matmul_weights_in(weights.model, runtime.reference_dtype)
     if cfg.reference != "precomputed":
         return dict.fromkeys(sets, live)
     batch_size = cfg.eval_batch_size or cfg.micro_batch_size or cfg.batch_size

@@ -100,6 +100,15 @@ class Runtime:
     def zero3(self) -> bool:
         return self.strategy == "deepspeed" and self.options["zero_optimization"]["stage"] == 3
 
+    @property
+    def reference_dtype(self):
+        """The dtype a frozen reference model holds its matmul weights in: the autocast dtype of --precision bf16
+        or fp16 (`models.hold_matmul_weights_in`), None in fp32. Under FSDP the reference stays in the policy's
+        dtype: FSDP2 gathers a unit's parameters in one dtype."""
+        if self.strategy == "fsdp":
+            return None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
+
     def on_main(self, work):
         """`work()` on the main process, its result on every process. A failure there stops the others too, with
         one line (they would otherwise wait for the result for ever)."""
