@@ -43,10 +43,11 @@ def saved_dtypes(out) -> tuple[set, str]:
     return {t.dtype for t in load_state(out).values()}, config["dtype"]
 
 
-def test_a_bf16_checkpoint_trains_and_saves_in_bf16_with_an_exact_step_0(pairs, tmp_path):
+def test_a_bf16_checkpoint_trains_and_saves_in_bf16_with_an_exact_step_0(pairs, tmp_path, capsys):
     model = saved_as(make_model_dir(tmp_path / "m", seed=1), torch.bfloat16, tmp_path)
     result = run(model, pairs, tmp_path / "out")
     assert next(result.model.parameters()).dtype == torch.bfloat16  # trained in the checkpoint's dtype
+    assert "the policy trains in bfloat16 weights (the checkpoint's dtype)" in capsys.readouterr().err
     assert abs(result.eval_before["loss"] - math.log(2)) < 1e-6 and result.eval_before["rewards/margins"] == 0
     assert result.eval_after["loss"] < result.eval_before["loss"]
     assert saved_dtypes(tmp_path / "out") == ({torch.bfloat16}, "bfloat16")
@@ -78,9 +79,24 @@ def test_a_tied_model_saved_in_another_dtype_stays_tied(pairs, tmp_path):
     gpt2.to(torch.bfloat16).save_pretrained(tmp_path / "gpt2")
     tokenizer.save_pretrained(tmp_path / "gpt2")
     run(str(tmp_path / "gpt2"), pairs, tmp_path / "out", "--save_dtype", "float32")
+    assert "lm_head.weight" not in load_state(tmp_path / "out")  # saved once, under the embedding's name
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     assert loaded.dtype == torch.float32
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+
+
+def test_a_float16_checkpoint_trains_in_float32_and_is_saved_as_float16(pairs, tmp_path, capsys):
+    """AdamW cannot train float16 weights (its epsilon rounds to 0, and a weight without gradient becomes NaN):
+    the policy trains in float32, says so, and is saved in the checkpoint's float16; asking for float16 is refused."""
+    model = saved_as(make_model_dir(tmp_path / "m", seed=5), torch.float16, tmp_path)
+    result = run(model, pairs, tmp_path / "out")
+    assert next(result.model.parameters()).dtype == torch.float32
+    assert "weights are float16, which AdamW cannot train: the policy trains in float32" in capsys.readouterr().err
+    assert saved_dtypes(tmp_path / "out") == ({torch.float16}, "float16")
+    assert all(torch.isfinite(v.float()).all() for v in load_state(tmp_path / "out").values())
+    with pytest.raises(UserError, match="--torch_dtype float16: AdamW cannot train float16 weights"):
+        run(model, pairs, tmp_path / "again", "--torch_dtype", "float16")
+    assert not (tmp_path / "again").exists()
 
 
 def test_trl_dtype_key_points_to_torch_dtype(tmp_path):

@@ -149,10 +149,21 @@ def write_shards(strategy: str, folder: str, module, optimizer) -> None:
         return
     saves = _KeepFailedWrite(module.checkpoint_engine)
     module.checkpoint_engine = saves
+    copy_script = module._copy_recovery_script  # the main process copies zero_to_fp32.py with shutil, not torch
+
+    def keep_failed_copy(save_path):
+        if saves.failure is None:
+            try:
+                copy_script(save_path)
+            except Exception as e:  # as `_KeepFailedWrite.save`: raised after DeepSpeed's save has returned
+                saves.failure = e
+
+    module._copy_recovery_script = keep_failed_copy
     try:
         module.save_checkpoint(folder, tag=DEEPSPEED, save_latest=False)
     finally:
         module.checkpoint_engine = saves.inner
+        del module._copy_recovery_script
     if saves.failure is not None:
         raise saves.failure
 
@@ -387,8 +398,12 @@ def save_model(model, folder: str, state_dict=None, dtype: torch.dtype | None = 
     state = state_dict if state_dict is not None else model.state_dict()
     dtype = dtype or next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
     if any(v.is_floating_point() and v.dtype != dtype for v in state.values()):
-        cast = {}  # by tensor, so that tied weights stay one tensor
-        state = {k: cast.setdefault(id(v), v.to(dtype)) if v.is_floating_point() else v for k, v in state.items()}
+        cast = {}  # by the memory each name views, so that tied weights stay one tensor
+
+        def key(v):
+            return v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride()
+
+        state = {k: cast.setdefault(key(v), v.to(dtype)) if v.is_floating_point() else v for k, v in state.items()}
     model.save_pretrained(folder, safe_serialization=True, state_dict=state)
     path = os.path.join(folder, "config.json")
     with open(path, encoding="utf-8") as f:

@@ -95,7 +95,7 @@ class Config:
     shuffle: bool = opt(True, "shuffle the pairs each epoch (seeded, so a resumed run sees the same order)")
     seed: int = opt(42, "seed of the data order and of the built-in model's initialisation", eval=True)
     precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "fp32, bf16 or fp16: mixed precision via autocast, "
-                                                            "weights and log-softmax in fp32 (fp16: CUDA only)",
+                                                            "log-softmax in fp32 (fp16: CUDA only); the weights' dtype is --torch_dtype",
                                                     eval=True)
     strategy: Literal["auto", "ddp", "fsdp", "hsdp", "zero2", "zero3"] = opt(
         "auto", "how several processes share the work: ddp (every process holds the whole model), fsdp (FSDP2: "

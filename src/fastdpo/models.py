@@ -184,37 +184,66 @@ def _with_pad(tokenizer, name: str):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def checkpoint_dtype(model) -> torch.dtype:
+def checkpoint_dtype(model, trust_remote_code: bool = False, flag: str = "model") -> torch.dtype:
     """The dtype a model's weights were saved in (`model`: a loaded model, or its path / hub id / builtin name):
     a loaded model's own, else its config's `dtype`, float32 where the config names none."""
     if not isinstance(model, str):
         return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    config = model_config(model)
+    config = model_config(model, trust_remote_code, flag)
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     value = getattr(torch, value, None) if isinstance(value, str) else value
     return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
 
 
-def weights_dtype(cfg, model) -> torch.dtype:
-    """The dtype `model` (as `checkpoint_dtype` takes it) is loaded and trained in: --torch_dtype, or its own."""
-    return checkpoint_dtype(model) if cfg.torch_dtype == "auto" else DTYPES[cfg.torch_dtype]
+def weights_dtype(cfg, model, flag: str = "model") -> torch.dtype:
+    """The dtype `model` (as `checkpoint_dtype` takes it) is loaded in: --torch_dtype, or its own."""
+    if cfg.torch_dtype != "auto":
+        return DTYPES[cfg.torch_dtype]
+    return checkpoint_dtype(model, cfg.trust_remote_code, flag)
+
+
+def training_dtype(cfg, model, strategy: str, log) -> torch.dtype:
+    """The dtype the policy trains in: `weights_dtype`, but never float16 (AdamW's epsilon rounds to 0 there, and a
+    weight without gradient becomes NaN), and float32 under DeepSpeed (its bf16 master-weight mode is not wired in
+    yet). A bf16 policy is said: its updates smaller than a bf16 step are lost."""
+    dtype, asked = weights_dtype(cfg, model), cfg.torch_dtype != "auto"
+    if asked and dtype == torch.float16:
+        raise UserError("--torch_dtype float16: AdamW cannot train float16 weights (its epsilon rounds to 0 and "
+                        "weights without a gradient become NaN); use bfloat16 or float32", exit_code=2)
+    if strategy == "deepspeed" and dtype != torch.float32:
+        if asked:
+            raise UserError(f"--torch_dtype {cfg.torch_dtype}: under DeepSpeed fastdpo trains float32 weights (with "
+                            "--precision bf16 for bf16 compute); pass --torch_dtype float32", exit_code=2)
+        log(f"fastdpo: the checkpoint's weights are {str(dtype).removeprefix('torch.')}; under DeepSpeed the policy "
+            "trains in float32 (saved in the checkpoint's dtype)")
+        return torch.float32
+    if dtype == torch.float16:
+        log("fastdpo: the checkpoint's weights are float16, which AdamW cannot train: the policy trains in float32 "
+            "(saved as float16; --torch_dtype bfloat16 halves the memory)")
+        return torch.float32
+    if dtype == torch.bfloat16:
+        log("fastdpo: the policy trains in bfloat16 weights" + ("" if asked else " (the checkpoint's dtype)") +
+            ": an update smaller than a bf16 step of its weight is lost; --torch_dtype float32 keeps float32 "
+            "weights")
+    return dtype
 
 
 def save_dtype(cfg, inputs: Inputs) -> torch.dtype:
     """The dtype the trained policy is saved in: --save_dtype, or the checkpoint's."""
     if cfg.save_dtype != "auto":
         return DTYPES[cfg.save_dtype]
-    return checkpoint_dtype(inputs.model if inputs.model is not None else cfg.model)
+    return checkpoint_dtype(inputs.model if inputs.model is not None else cfg.model, cfg.trust_remote_code)
 
 
-def load_policy(cfg, inputs: Inputs, meta: bool = False):
-    """The policy to train in the dtype --torch_dtype says, dropout off, with LoRA adapters when the config asks.
+def load_policy(cfg, inputs: Inputs, *, log, meta: bool = False, strategy: str = "single"):
+    """The policy to train in its `training_dtype`, dropout off, with LoRA adapters when the config asks.
     `meta`: its structure only (`load_model`)."""
     if inputs.model is not None:
-        model = inputs.model if cfg.torch_dtype == "auto" else inputs.model.to(DTYPES[cfg.torch_dtype])
+        dtype = training_dtype(cfg, inputs.model, strategy, log)
+        model = inputs.model if checkpoint_dtype(inputs.model) == dtype else inputs.model.to(dtype)
     else:
         model = load_model(cfg.model, cfg.seed, cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit,
-                           dtype=weights_dtype(cfg, cfg.model), meta=meta)
+                           dtype=training_dtype(cfg, cfg.model, strategy, log), meta=meta)
     disable_dropout(model)  # before LoRA wraps it, so --lora_dropout keeps its value
     if cfg.lora:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.adapter)
@@ -242,7 +271,7 @@ def reference_weights(cfg, policy, inputs: Inputs, device, meta: bool = False) -
             model = inputs.ref_model if cfg.torch_dtype == "auto" else inputs.ref_model.to(DTYPES[cfg.torch_dtype])
         else:
             model = load_model(cfg.ref_model, cfg.seed, cfg.trust_remote_code, flag="ref_model",
-                               dtype=weights_dtype(cfg, cfg.ref_model), meta=meta)
+                               dtype=weights_dtype(cfg, cfg.ref_model, "ref_model"), meta=meta)
     elif is_lora(policy):
         return ReferenceWeights("adapters")
     elif cfg.reference == "precomputed":

@@ -81,6 +81,7 @@ class Runtime:
     strategy: str  # "single", "ddp", "fsdp" or "deepspeed"
     options: dict = field(default_factory=dict)  # FSDP: reshard_after_forward, layers; DeepSpeed: its config
     weights_on_main: bool = False  # only the main process reads the weights (see `start`)
+    reference_dtype: object = None  # a frozen reference model's matmul weights' dtype (see `start`), None: its own
     _mesh: object = field(default=None, init=False, repr=False)  # FSDP's device mesh, made once
 
     @property
@@ -99,15 +100,6 @@ class Runtime:
     @property
     def zero3(self) -> bool:
         return self.strategy == "deepspeed" and self.options["zero_optimization"]["stage"] == 3
-
-    @property
-    def reference_dtype(self):
-        """The dtype a frozen reference model holds its matmul weights in: the autocast dtype of --precision bf16
-        or fp16 (`models.hold_matmul_weights_in`), None in fp32. Under FSDP the reference stays in the policy's
-        dtype: FSDP2 gathers a unit's parameters in one dtype."""
-        if self.strategy == "fsdp":
-            return None
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
 
     def on_main(self, work):
         """`work()` on the main process, its result on every process. A failure there stops the others too, with
@@ -156,7 +148,7 @@ class Runtime:
 
     def _fully_shard(self, module, optimizer=None):
         """FSDP2 in place: a unit per decoder layer (the model's `_no_split_modules`) plus the root, which holds the
-        rest (embeddings, final norm, lm_head). The weights stay float32, sharded, and are gathered whole for a
+        rest (embeddings, final norm, lm_head). The weights keep their dtype, sharded, and are gathered whole for a
         layer's forward; `--precision bf16` computes under autocast as in one process, so the policy and its
         reference see the same numerics and the log-probs come out in float32 (a bf16 `MixedPrecisionPolicy`
         would round the summed log-probs to bf16). `optimizer`, built over the unsharded parameters, gets the
@@ -214,16 +206,15 @@ class Runtime:
     def _deepspeed(self, module, optimizer=None):
         """A DeepSpeed engine around `module` (ZeRO-2: gradients and optimizer state sharded; ZeRO-3: the weights
         too), applied here, not by accelerate (which runs it on GPUs only). Without `optimizer`: an inference engine
-        (a frozen reference). The weights stay float32 and `--precision bf16` runs under autocast, as in one
-        process; the engine accumulates the micro-batches' gradients and reduces them once, at `step`."""
+        (a frozen ZeRO-3 reference). The weights are float32 and `--precision bf16` runs under autocast, as in one
+        process; the engine reduce-scatters each micro-batch's gradients into its partition as they arrive
+        (ZeRO-2 and 3) and steps once, at `step`."""
         import deepspeed
 
         config = copy.deepcopy(self.options)
-        if optimizer is None:  # frozen: no optimizer state; below ZeRO-3 every process holds it whole
+        if optimizer is None:  # frozen: no optimizer state
             config["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items()
                                            if not k.startswith("offload_optimizer")}
-            if config["zero_optimization"]["stage"] != 3:
-                config["zero_optimization"]["stage"] = 0
         hidden = getattr(module.model.config.get_text_config(), "hidden_size", None)
         if isinstance(hidden, int):  # sized to the model as Hugging Face's "auto" does; DeepSpeed's own are GPU-sized
             for key, value in (("reduce_bucket_size", hidden * hidden),
@@ -253,7 +244,7 @@ class Runtime:
     def no_sync(self, module, last_micro_batch: bool):
         """Where a micro-batch's gradients wait for the step's last (DDP); FSDP reduce-scatters every micro-batch,
         which keeps only the sharded gradients."""
-        if last_micro_batch or self.strategy in ("fsdp", "deepspeed"):  # DeepSpeed: it reduces at `step`
+        if last_micro_batch or self.strategy in ("fsdp", "deepspeed"):  # DeepSpeed accumulates in its partitions
             return contextlib.nullcontext()
         return self.accelerator.no_sync(module)
 
@@ -263,7 +254,7 @@ class Runtime:
         synchronise in a frozen model, so there and in one process it stays as it is."""
         if self.strategy == "fsdp":
             return self._fully_shard(module)[0]
-        if self.strategy == "deepspeed":
+        if self.zero3:
             return self._deepspeed(module)
         return module
 
@@ -319,6 +310,8 @@ class EngineOptimizer:
 
     def __init__(self, engine):
         self.engine, self.stepped = engine, False
+        self.grad_norm = math.nan  # the global gradient norm before clipping, of the last step (NaN: skipped)
+        self.applied = True  # whether the last step changed the weights (DeepSpeed skips non-finite gradients)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -327,19 +320,22 @@ class EngineOptimizer:
     def step(self) -> None:
         self.engine.step()
         self.stepped = True
+        norm = self.engine.get_global_grad_norm()
+        self.grad_norm = math.nan if norm is None else float(norm)
+        self.applied = self.engine.was_step_applied()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """After a step the engine has zeroed them; a skipped step's gradients are reduced, then dropped."""
+        """After a step the engine has zeroed them; a skipped step's gradients are reduced into the partitions,
+        then dropped (the partitions too, where ZeRO-2 accumulates them apart from the weights' gradients)."""
         if not self.stepped:
-            self.engine.optimizer.finalize_gradient_accumulation_boundary()
-            self.engine.optimizer.zero_grad(set_to_none=set_to_none)
+            optimizer = self.engine.optimizer
+            optimizer.finalize_gradient_accumulation_boundary()
+            optimizer.zero_grad(set_to_none=set_to_none)
+            averaged = getattr(optimizer, "averaged_gradients", None)
+            for key in list(averaged) if isinstance(averaged, dict) else []:
+                averaged[key] = None
+            self.grad_norm, self.applied = math.nan, False
         self.stepped = False
-
-    @property
-    def grad_norm(self) -> float:
-        """The global gradient norm before clipping, of the last step."""
-        norm = self.engine.get_global_grad_norm()
-        return math.nan if norm is None else float(norm)
 
 
 def start(cfg: Config) -> Runtime:
@@ -376,7 +372,12 @@ def start(cfg: Config) -> Runtime:
     # device and receive their shards as it is sharded (`_fully_shard`). Except with a precomputed reference, which
     # every process computes for its share of the pairs with the whole starting policy, before it is sharded.
     on_main = strategy == "fsdp" and world > 1 and cfg.reference_kind() != "precomputed"
-    return Runtime(accelerator, Processes.current(), strategy, options, on_main)
+    # Under bf16 / fp16 autocast a frozen reference model holds its matmul weights in that dtype, which autocast
+    # casts them to at every forward anyway (`models.hold_matmul_weights_in`). Not under FSDP, whose units gather
+    # their parameters in one dtype, nor for TR-DPO, whose reference moves by small steps.
+    frozen = strategy != "fsdp" and not cfg.ref_sync_steps
+    reference_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if frozen else None
+    return Runtime(accelerator, Processes.current(), strategy, options, on_main, reference_dtype)
 
 
 def launch_strategy(cfg: Config, world: int) -> str:
@@ -435,7 +436,11 @@ def deepspeed_options(cfg: Config, stage: int, micro: int) -> dict:
     """The DeepSpeed config fastdpo runs: ZeRO `stage`, the accelerate config's ZeRO settings, micro-batches of
     `micro` pairs accumulated by the engine until fastdpo's step, clipping at --max_grad_norm. What fastdpo decides
     itself (optimizer, schedule, precision, batch sizes) or does not run yet is refused rather than ignored."""
-    import deepspeed.runtime.engine as ds_engine
+    try:
+        import deepspeed.runtime.engine as ds_engine
+    except ImportError as e:
+        raise UserError(f"DeepSpeed is not installed ({e}): pip install deepspeed, or launch with "
+                        "configs/accelerate/fsdp.yaml (--strategy fsdp)", exit_code=2) from None
 
     if not hasattr(ds_engine.DeepSpeedEngine, "managed_gradient_accumulation"):
         raise UserError("DeepSpeed is too old for fastdpo (it needs managed_gradient_accumulation, DeepSpeed >= "
@@ -511,8 +516,13 @@ def fsdp_options(world: int, hybrid: bool = False) -> dict:
     replicas = sizes.get("dp_replicate", 1)
     if hybrid and replicas == 1:  # HYBRID_SHARD: the machines replicate, a machine's processes shard
         replicas = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if world % replicas:
-        refuse(f"parallelism_config_dp_replicate_size {replicas}", f"it must divide the {world} processes")
+        if replicas == 1 and int(os.environ.get("RANK", "0")) == 0:
+            print("fastdpo: hybrid sharding on one machine is full sharding: FSDP2 over its processes",
+                  file=sys.stderr)
+    shards = sizes.get("dp_shard", 1) if sizes.get("dp_shard", 1) > 1 else world // max(replicas, 1)
+    if world % replicas or replicas * shards != world:
+        refuse(f"parallelism_config dp_replicate_size {replicas} x dp_shard_size {shards}",
+               f"the sizes must multiply to the {world} processes")
     if env("FSDP_AUTO_WRAP_POLICY", "transformer_based_wrap") not in ("transformer_based_wrap", ""):
         refuse(f"fsdp_auto_wrap_policy {env('FSDP_AUTO_WRAP_POLICY').upper()}",
                "fastdpo wraps each decoder layer (TRANSFORMER_BASED_WRAP)")
@@ -520,7 +530,7 @@ def fsdp_options(world: int, hybrid: bool = False) -> dict:
         refuse("fsdp_ignored_modules", "remove it")
     layers = [name.strip() for name in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if name.strip()]
     return {"reshard_after_forward": switch("FSDP_RESHARD_AFTER_FORWARD", True), "layers": layers or None,
-            "mesh": (replicas, world // replicas) if replicas > 1 else None}
+            "mesh": (replicas, shards) if replicas > 1 else None}
 
 
 def _accelerator(precision: str):

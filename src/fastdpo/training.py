@@ -223,7 +223,7 @@ def load_models(cfg: Config, inputs: Inputs, runtime: Runtime):
     if runtime.weights_on_main:
         runtime.log(f"fastdpo: FSDP2: the main process loads the weights; the other {runtime.processes.world - 1} "
                     "build the model on the meta device and receive their shards")
-    policy = load_policy(cfg, inputs, meta=meta)
+    policy = load_policy(cfg, inputs, meta=meta, strategy=runtime.strategy, log=runtime.log)
     device = None if runtime.weights_on_main else runtime.device  # the main process's stay on its CPU
     policy = policy if device is None else policy.to(device)
     return policy, reference_weights(cfg, policy, inputs, device, meta=meta)
@@ -380,7 +380,8 @@ def optimizer_step(run: Run, finite: bool) -> None:
     state, rt = run.state, run.runtime
     if finite or rt.accelerator.scaler is not None:  # fp16's grad scaler must see every step to lower its scale
         run.optimizer.step()
-        finite = finite and not rt.accelerator.optimizer_step_was_skipped
+        # DeepSpeed skips a step with non-finite gradients itself
+        finite = finite and not rt.accelerator.optimizer_step_was_skipped and getattr(run.optimizer, "applied", True)
     if finite:
         run.scheduler.step()
         state.bad_in_row = 0
