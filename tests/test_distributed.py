@@ -460,6 +460,44 @@ def test_hybrid_sharding_over_two_machines_equals_one_process_and_resumes_under_
     assert_same_weights(single, out, atol=ATOL)
 
 
+API_MODEL = """
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import fastdpo
+
+model, data, out, strategy = sys.argv[1:5]
+result = fastdpo.train(model=model, data=data, output_dir=out, strategy=strategy, batch_size=8, micro_batch_size=2,
+                       max_steps=2, learning_rate=1e-3, progress=False)
+if torch.distributed.get_rank() == 0:
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.arange(20)[None]
+    assert all(type(p) is torch.nn.Parameter for p in result.model.parameters())
+    torch.testing.assert_close(result.model(ids).logits, saved(ids).logits, atol=0, rtol=0)
+    print("plain model on the main process")
+else:
+    assert result.model is None
+"""
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_the_python_api_returns_a_plain_trained_model_on_the_main_process(base, tmp_path, strategy):
+    """Under FSDP and ZeRO-3 the policy holds shards; `fastdpo.train` gives the main process a whole, plain copy
+    that computes what the saved model computes."""
+    if strategy != "fsdp":
+        needs_deepspeed()
+    script = tmp_path / "api.py"
+    script.write_text(API_MODEL)
+    root, model, data = base
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), model, data, str(tmp_path / "out"), strategy],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0 and "plain model on the main process" in result.stdout, result.stderr[-3000:]
+
+
 MAIN_READS = """
 import os
 import sys

@@ -40,7 +40,7 @@ class TrainResult:
     eval_after: dict | None
     last_metrics: dict | None  # the last metrics.jsonl training line
     stopped: bool = False  # by SIGTERM or Ctrl-C, after writing a checkpoint
-    model: Any = None  # the trained policy, in memory (a peft model with LoRA)
+    model: Any = None  # the trained policy, in memory (a peft model with LoRA); sharded: on the main process only
 
 
 @dataclass
@@ -160,6 +160,8 @@ def fit(run: Run) -> TrainResult:
         trained = save_final(cfg.output_dir, trained, run.tokenizer, results, is_lora(trained), cfg.merge_lora,
                              state_dict, run.save_dtype)
         print_summary(cfg, state.eval_before, eval_after)
+    if rt.strategy == "fsdp" or rt.zero3:  # the policy holds shards: a whole copy on the main process
+        trained = plain_model(trained, state_dict) if rt.main else None
     rt.accelerator.wait_for_everyone()
     return TrainResult(cfg.output_dir, state.total_steps, state.eval_before, eval_after, last, model=trained)
 
@@ -288,6 +290,24 @@ def finished_model(run: Run):
     if getattr(body, "is_gradient_checkpointing", False):
         body.gradient_checkpointing_disable()
     return run.policy.eval()
+
+
+def plain_model(model, state_dict: dict):
+    """A plain copy, on the CPU, of a model whose weights are sharded (FSDP's DTensors, ZeRO-3's partitions),
+    holding `state_dict`, its weights gathered; its buffers (some not in the state dict) are copied across."""
+    with torch.device("meta"):
+        fresh = type(model)(model.config)
+    missing, unexpected = fresh.load_state_dict(state_dict, strict=False, assign=True)
+    fresh.tie_weights()
+    buffers = dict(model.named_buffers())
+    for name, _ in list(fresh.named_buffers()):
+        owner_name, _, attr = name.rpartition(".")
+        owner = fresh.get_submodule(owner_name)
+        owner.register_buffer(attr, buffers[name].detach().cpu().clone(),
+                              persistent=attr not in owner._non_persistent_buffers_set)
+    left = [name for name, p in fresh.named_parameters() if p.is_meta]
+    assert not left and not unexpected, f"the gathered weights do not fit the model: {left or unexpected}"
+    return fresh.eval()
 
 
 def synced_reference(run: Run):
