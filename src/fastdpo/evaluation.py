@@ -14,8 +14,8 @@ from fastdpo.errors import UserError
 from fastdpo.logps import LogpsModule, choose_layout
 from fastdpo.losses import REFERENCE_FREE
 from fastdpo.metrics import pooled_means
-from fastdpo.models import (DTYPES, Inputs, check_models, is_lora, load_model, policy_tokenizer, reference_weights,
-                            weights_dtype)
+from fastdpo.models import (Inputs, check_models, in_torch_dtype, is_lora, load_model, policy_tokenizer,
+                            reference_weights, weights_dtype)
 from fastdpo.reference import Reference, build_reference
 from fastdpo.runtime import Processes, Runtime, start
 from fastdpo.step import score_batch
@@ -95,7 +95,7 @@ def run_eval(cfg: Config, inputs: Inputs | None = None) -> EvalResult:
         cache_dir=data_cache_dir(cfg), progress=runtime.main and sys.stderr.isatty(), log=runtime.log)
     runtime.log(stats.summary())
     if inputs.model is not None:
-        policy = inputs.model if cfg.torch_dtype == "auto" else inputs.model.to(DTYPES[cfg.torch_dtype])
+        policy = in_torch_dtype(cfg, inputs.model)
     else:
         policy = load_model(cfg.model, cfg.seed, cfg.trust_remote_code, dtype=weights_dtype(cfg, cfg.model))
     policy = policy.eval().to(runtime.device)

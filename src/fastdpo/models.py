@@ -202,6 +202,11 @@ def weights_dtype(cfg, model, flag: str = "model") -> torch.dtype:
     return checkpoint_dtype(model, cfg.trust_remote_code, flag)
 
 
+def in_torch_dtype(cfg, model):
+    """A model passed in memory, cast to --torch_dtype (as it is with `auto`)."""
+    return model if cfg.torch_dtype == "auto" else model.to(DTYPES[cfg.torch_dtype])
+
+
 def training_dtype(cfg, model, strategy: str, log) -> torch.dtype:
     """The dtype the policy trains in: `weights_dtype`, but never float16 (AdamW's epsilon rounds to 0 there, and a
     weight without gradient becomes NaN), and float32 under DeepSpeed (its bf16 master-weight mode is not wired in
@@ -268,7 +273,7 @@ def reference_weights(cfg, policy, inputs: Inputs, device, meta: bool = False) -
         return ReferenceWeights("none")
     if inputs.ref_model is not None or cfg.ref_model:
         if inputs.ref_model is not None:
-            model = inputs.ref_model if cfg.torch_dtype == "auto" else inputs.ref_model.to(DTYPES[cfg.torch_dtype])
+            model = in_torch_dtype(cfg, inputs.ref_model)
         else:
             model = load_model(cfg.ref_model, cfg.seed, cfg.trust_remote_code, flag="ref_model",
                                dtype=weights_dtype(cfg, cfg.ref_model, "ref_model"), meta=meta)
