@@ -26,6 +26,22 @@ CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "acceler
 GPUS = torch.cuda.device_count()
 
 
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def two_workers(base, out, *flags) -> list[str]:
+    """The torchrun command of `fastdpo train` in 2 processes on the tests' model and pairs (for `subprocess.Popen`,
+    where `launch`'s wait is not wanted)."""
+    root, model, data = base
+    return [*TORCHRUN_2, "-m", "fastdpo", "train", "--model", model, "--data", data, "--output_dir", str(out), *FLAGS,
+            *flags]
+
+
+def worker_env() -> dict:
+    """The environment of the launched processes: one thread each (two share the 2 cores)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def launch(base, out, processes: int, *flags, expect_code: int = 0, config: str | None = None
            ) -> subprocess.CompletedProcess:
     """`fastdpo train` in `processes` processes under torchrun, or `accelerate launch --config_file CONFIG`
@@ -37,7 +53,7 @@ def launch(base, out, processes: int, *flags, expect_code: int = 0, config: str 
                 "--num_processes", str(processes)] + args
     elif processes > 1:
         args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] + args
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = worker_env()
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == expect_code, result.stderr[-3000:]
     return result
@@ -212,11 +228,8 @@ def test_kill_9_under_a_sharded_strategy_then_resume_equals_the_uninterrupted_ru
     if strategy != "fsdp":
         needs_deepspeed()
     out = tmp_path / "k"
-    root, model, data = base
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastdpo",
-            "train", "--model", model, "--data", data, "--output_dir", str(out), *FLAGS, "--strategy", strategy,
-            "--save_steps", "1", "--eval_data", base[2]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = two_workers(base, out, "--strategy", strategy, "--save_steps", "1", "--eval_data", base[2])
+    env = worker_env()
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -239,11 +252,8 @@ def test_sigterm_under_a_sharded_strategy_writes_a_checkpoint_that_resumes(base,
     if strategy != "fsdp":
         needs_deepspeed()
     out = tmp_path / "t"
-    root, model, data = base
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastdpo",
-            "train", "--model", model, "--data", data, "--output_dir", str(out), *FLAGS, "--strategy", strategy,
-            "--max_steps", "300"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = two_workers(base, out, "--strategy", strategy, "--max_steps", "300")
+    env = worker_env()
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not ((out / "metrics.jsonl").is_file() and '"loss"' in (out / "metrics.jsonl").read_text()) \
@@ -273,11 +283,8 @@ def test_a_full_disk_at_a_sharded_checkpoint_is_one_line_on_every_process(base, 
 
         build_shm_op()  # the C++ op DeepSpeed compiles on first use, compiled (once) without the limit
     out = tmp_path / "full"
-    root, model, data = base
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastdpo",
-            "train", "--model", model, "--data", data, "--output_dir", str(out), *FLAGS, "--strategy", strategy,
-            "--save_steps", "1", "--data_cache_dir", "off"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = two_workers(base, out, "--strategy", strategy, "--save_steps", "1", "--data_cache_dir", "off")
+    env = worker_env()
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))  # noqa: E731  shards: ~0.5 MB
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
     # the processes write to one stderr at once, so one line may run into the other: split at each error's start
@@ -443,7 +450,7 @@ def test_hybrid_sharding_over_two_machines_equals_one_process_and_resumes_under_
     with socket.socket() as sock:  # a free port for the two launches to meet on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = worker_env()
     machines = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
                                   "1", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port",
                                   str(port), "-m", "fastdpo", "train", "--model", model, "--data", data,
@@ -491,9 +498,8 @@ def test_the_python_api_returns_a_plain_trained_model_on_the_main_process(base, 
     script = tmp_path / "api.py"
     script.write_text(API_MODEL)
     root, model, data = base
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script), model, data, str(tmp_path / "out"), strategy],
+    env = worker_env()
+    result = subprocess.run([*TORCHRUN_2, str(script), model, data, str(tmp_path / "out"), strategy],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0 and "plain model on the main process" in result.stdout, result.stderr[-3000:]
 
@@ -529,8 +535,8 @@ def test_under_fsdp_only_the_main_process_reads_the_weights(base, single, tmp_pa
     script = tmp_path / "main_reads.py"
     script.write_text(MAIN_READS)
     root, model, data = base
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+    env = worker_env()
+    args = [*TORCHRUN_2, str(script),
             "train", "--model", model, "--data", data, "--output_dir", str(tmp_path / "f"), *FLAGS,
             "--strategy", "fsdp", "--eval_data", base[2]]
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
@@ -569,9 +575,9 @@ def test_a_non_finite_step_under_deepspeed_is_skipped_as_under_ddp(base, tmp_pat
     script = tmp_path / "skipping.py"
     script.write_text(SKIPPING)
     root, model, data = base
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = worker_env()
     for strategy in ("ddp", "zero2"):
-        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+        args = [*TORCHRUN_2, str(script),
                 "train", "--model", model, "--data", data, "--output_dir", str(tmp_path / strategy), *FLAGS,
                 "--loss", "nan_in_step_2", "--strategy", strategy, "--epochs", "2"]
         result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
