@@ -301,17 +301,12 @@ def test_a_strategy_that_cannot_run_says_so(base, tmp_path):
     zero2_like = tmp_path / "grad_op.yaml"
     zero2_like.write_text(open(os.path.join(CONFIGS, "fsdp.yaml")).read().replace(
         "fsdp_version: 2", "fsdp_version: 2\n  fsdp_sharding_strategy: SHARD_GRAD_OP"))
-    own_head = tmp_path / "own_head.yaml"  # nn.Linear as a unit class: the lm_head would be a unit of its own
-    own_head.write_text(open(os.path.join(CONFIGS, "fsdp.yaml")).read().replace(
-        "fsdp_version: 2", "fsdp_version: 2\n  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer,Linear"))
     cases = [(["--precision", "fp16"], "fsdp.yaml", "--precision"),  # fp16 needs CUDA; under FSDP it is refused too
              (["--strategy", "ddp"], "fsdp.yaml", "--strategy ddp: the processes were launched with an accelerate "
                                                  "config for FSDP"),
              ([], str(fsdp1), "fsdp_version 1 is not supported yet; fastdpo shards with FSDP2"),
              ([], str(zero2_like), "fsdp_sharding_strategy SHARD_GRAD_OP is not supported yet; fastdpo shards fully "
                                    "(FULL_SHARD) or within each machine (HYBRID_SHARD)"),
-             ([], str(own_head), "fsdp_transformer_layer_cls_to_wrap: Linear would make the lm_head a unit of its "
-                                 "own; fastdpo keeps it in the root unit"),
              (["--lora_r", "4"], "fsdp.yaml", "--lora_r: not supported under FSDP yet")]
     try:
         import deepspeed  # noqa: F401  accelerate's launcher needs it to read a DeepSpeed config
@@ -437,6 +432,48 @@ def test_other_families_shard_and_equal_one_process(base, tmp_path, name, strate
     assert sorted(one) == sorted(two)
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=ATOL, rtol=0, msg=key)
+
+
+def own_head_config(tmp_path, layers: str) -> str:
+    """configs/accelerate/fsdp.yaml with these unit classes: with nn.Linear among them the lm_head is a unit of its
+    own."""
+    path = tmp_path / "own_head.yaml"
+    path.write_text(open(os.path.join(CONFIGS, "fsdp.yaml")).read().replace(
+        "fsdp_version: 2", f"fsdp_version: 2\n  fsdp_transformer_layer_cls_to_wrap: {layers}"))
+    return str(path)
+
+
+def test_an_lm_head_that_is_a_unit_of_its_own_keeps_the_chunked_head_and_equals_one_process(base, single, tmp_path):
+    """Every nn.Linear an FSDP2 unit, the lm_head too: the chunked head gathers its weight through the unit (for
+    the policy and the sharded copy reference) and reduce-scatters its gradient; the run is one process's."""
+    result = launch(base, tmp_path / "f", 2, "--eval_data", base[2], "--reference", "copy",
+                    config=own_head_config(tmp_path, "LlamaDecoderLayer,Linear"))
+    assert "chunked lm_head" in result.stderr and "full logits" not in result.stderr, result.stderr[-2000:]
+    assert_same_weights(single, tmp_path / "f", atol=ATOL)
+    results = [json.load(open(os.path.join(out, "results.json"))) for out in (single, tmp_path / "f")]
+    for when in ("eval_before", "eval_after"):
+        assert results[1][when]["loss"] == pytest.approx(results[0][when]["loss"], rel=1e-5)
+    for a, b in zip(train_lines(single), train_lines(tmp_path / "f")):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_a_tied_lm_head_cannot_be_a_unit_of_its_own(tmp_path):
+    """GPT-2's lm_head shares its weight with the input embeddings, which stay in the root unit: one line."""
+    from test_checks import family
+
+    from fastdpo.models import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin:tiny")
+    family("gpt2", vocab=len(tokenizer) + 8).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    from conftest import example_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", example_rows(4))
+    result = launch((tmp_path, str(tmp_path / "model"), data), tmp_path / "o", 2, "--max_steps", "1",
+                    config=own_head_config(tmp_path, "GPT2Block,Linear"), expect_code=1)
+    assert "fsdp_transformer_layer_cls_to_wrap: Linear would make the lm_head a unit of its own, but its weight is " \
+           "tied to the input embeddings" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "o").exists()  # (torchrun prints its own traceback of the failed workers)
 
 
 def test_hybrid_sharding_over_two_machines_equals_one_process_and_resumes_under_fsdp(base, single, tmp_path):

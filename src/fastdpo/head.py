@@ -17,10 +17,33 @@ def gather_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def head_logps(head, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """log softmax(head(hidden))[labels] per row, chunked. Shape: (M, H), (M,) -> (M,)."""
-    if type(head) is torch.nn.Linear:
-        return ChunkedHeadLogps.apply(hidden, head.weight, head.bias, labels, chunk_size)
+    """log softmax(head(hidden))[labels] per row, chunked. Shape: (M, H), (M,) -> (M,).
+
+    An lm_head that is an FSDP2 unit of its own holds only its shard between forwards: there the chunked head runs
+    as that unit's `chunked_logps` method, which FSDP treats as a forward (`runtime.Runtime._fully_shard`), so the
+    weight is gathered for it and its gradient reduce-scattered after backward."""
+    if plain_linear(head):
+        method = getattr(head, "chunked_logps", None)
+        return method(hidden, labels, chunk_size) if method else chunked_logps(head, hidden, labels, chunk_size)
     return gather_logps(head(hidden), labels)  # a wrapped head (e.g. LoRA on lm_head): not chunked
+
+
+def chunked_logps(head: torch.nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int):
+    """The chunked head of one nn.Linear, with the weight it holds now. Shape: (M, H), (M,) -> (M,)."""
+    return ChunkedHeadLogps.apply(hidden, head.weight, head.bias, labels, chunk_size)
+
+
+def plain_linear(head) -> bool:
+    """`head` computes `hidden @ W.T + b` and nothing else: an nn.Linear (not a subclass, whose forward may differ,
+    nor a wrapper such as LoRA's), or FSDP2's unit of one (its class `FSDPLinear(FSDPModule, Linear)`)."""
+    cls = type(head)
+    if cls is torch.nn.Linear:
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return cls.__bases__ == (FSDPModule, torch.nn.Linear)
 
 
 class ChunkedHeadLogps(torch.autograd.Function):

@@ -12,6 +12,7 @@ import copy
 import math
 import os
 import sys
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ import torch.distributed as dist
 
 from fastdpo.config import Config
 from fastdpo.errors import UserError
+from fastdpo.head import chunked_logps
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,9 @@ class Runtime:
             return self.accelerator.prepare(module, optimizer)
 
     def _fully_shard(self, module, optimizer=None):
-        """FSDP2 in place: a unit per decoder layer (the model's `_no_split_modules`) plus the root, which holds the
-        rest (embeddings, final norm, lm_head). The weights keep their dtype, sharded, and are gathered whole for a
+        """FSDP2 in place: a unit per decoder layer (the model's `_no_split_modules`, or the classes the accelerate
+        config lists) plus the root, which holds the rest (embeddings, final norm, and the lm_head unless its class
+        is listed). The weights keep their dtype, sharded, and are gathered whole for a
         layer's forward; `--precision bf16` computes under autocast as in one process, so the policy and its
         reference see the same numerics and the log-probs come out in float32 (a bf16 `MixedPrecisionPolicy`
         would round the summed log-probs to bf16). `optimizer`, built over the unsharded parameters, gets the
@@ -159,18 +162,24 @@ class Runtime:
         layers = set(self.options.get("layers") or module._no_split_modules or ())
         reshard = self.options["reshard_after_forward"]
         head = module.model.get_output_embeddings() if hasattr(module.model, "get_output_embeddings") else None
-        if head is not None and type(head).__name__ in layers:
+        own_head = head is not None and type(head).__name__ in layers  # the lm_head a unit of its own
+        inputs = module.model.get_input_embeddings() if own_head else None
+        if own_head and inputs is not None and inputs.weight is head.weight:
             raise UserError(f"fsdp_transformer_layer_cls_to_wrap: {type(head).__name__} would make the lm_head a unit "
-                            "of its own; fastdpo keeps it in the root unit, where the chunked head reads its gathered "
-                            "weight: list the decoder layer classes only "
-                            f"({', '.join(module._no_split_modules or [])})",
-                            exit_code=2)
+                            "of its own, but its weight is tied to the input embeddings, which sit in another unit: "
+                            "list the decoder layer classes only "
+                            f"({', '.join(module._no_split_modules or [])})", exit_code=2)
         full = module.state_dict() if self.weights_on_main and self.main else None  # the weights the others get
         mesh = self.device_mesh()
         for sub in reversed(list(module.modules())):  # inner units first, should layer classes nest
             if type(sub).__name__ in layers:
                 fully_shard(sub, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+        if own_head:  # the chunked head reads the lm_head's weight: FSDP gathers it for this method as for forward
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            head.chunked_logps = types.MethodType(chunked_logps, head)
+            register_fsdp_forward_method(head, "chunked_logps")
         if self.weights_on_main:
             self._receive_weights(module, full)
         if optimizer is not None:
