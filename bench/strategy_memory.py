@@ -3,8 +3,8 @@ gloo), on a random Llama of about 150M parameters; fastdpo only.
 
     python bench/strategy_memory.py --workdir /tmp/smem
 
-Each configuration trains 2 optimizer steps of 8 pairs (the package's example pairs) in micro-batches of 2, fp32,
-the copy reference, AdamW, with glibc's mmap threshold fixed at 1 MiB (see --mmap-threshold). Every process
+Each configuration trains 2 optimizer steps of 8 pairs (the package's example pairs) in micro-batches of 2, fp32
+(or --precision bf16), the copy reference, AdamW, with glibc's mmap threshold fixed at 1 MiB (see --mmap-threshold). Every process
 records its own peak resident set (VmHWM) at the end of set-up (the models loaded, sharded and placed) and at
 exit; the table gives both for each process, and the ratio of a run's largest peak to one process's. Weights
 (fp32), gradients and the two AdamW moments of a 150M-parameter model are 0.6 GB each; the frozen reference copy
@@ -108,6 +108,10 @@ def main() -> None:
                    help="glibc's MALLOC_MMAP_THRESHOLD_ in the children (default 1 MiB: freed buffers go back to "
                         "the system instead of staying in the heap, as a GPU's caching allocator reuses them; "
                         "0: glibc's own dynamic threshold)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="fastdpo's --precision (bf16: autocast, and the frozen reference's matmul weights in bf16)")
+    p.add_argument("--runs", default="", help="a comma list of the runs to make (one, ddp, fsdp, zero2, zero3); "
+                   "default all")
     args = p.parse_args()
     if args.mmap_threshold:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
@@ -127,15 +131,20 @@ def main() -> None:
         "ZeRO-3, 2 processes": (["-m", "accelerate.commands.launch", "--config_file",
                                  os.path.join(configs, "deepspeed-zero3.yaml"), "--num_processes", "2"], []),
     }
+    keys = dict(zip(runs, ("one", "ddp", "fsdp", "zero2", "zero3")))
+    wanted = {name.strip() for name in args.runs.split(",") if name.strip()} or set(keys.values())
     results = {}
     for name, (launcher, extra) in runs.items():
+        if keys[name] not in wanted:
+            continue
         out = os.path.join(args.workdir, "out-" + name.split(",")[0].replace(" ", "-").lower())
         flags = ["train", "--model", model, "--data", "builtin:example", "--output_dir", out, "--overwrite",
                  "--max_steps", "2", "--batch_size", "8", "--max_length", "256", "--max_prompt_length", "128", "--progress", "false",
-                 "--eval_data", "", "--reference", "copy", "--micro_batch_size", str(args.micro_batch_size), *extra]
+                 "--eval_data", "", "--reference", "copy", "--micro_batch_size", str(args.micro_batch_size),
+                 "--precision", args.precision, *extra]
         print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
         results[name] = run(name, launcher, flags, args.workdir)
-    base = max(results["one process"].get("peaks_gib", [float("nan")]))
+    base = max(results.get("one process", {}).get("peaks_gib", [float("nan")]))
     print(f"\n{'run':<22}{'peak GiB per process':>24}{'largest / one process':>24}{'at set-up end':>16}"
           f"{'wall s':>9}")
     for name, r in results.items():

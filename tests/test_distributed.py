@@ -167,10 +167,12 @@ def test_bf16_starts_at_ln2_with_no_margin_under_every_strategy(base, tmp_path):
     bf16 = ["--precision", "bf16", "--eval_data", base[2]]
     launch(base, tmp_path / "one", 1, *bf16)
     launch(base, tmp_path / "ddp", 2, *bf16)
-    launch(base, tmp_path / "fsdp", 2, *bf16, config="fsdp.yaml")
-    launch(base, tmp_path / "zero2", 2, *bf16, config="deepspeed-zero2.yaml")
-    launch(base, tmp_path / "zero3", 2, *bf16, "--strategy", "zero3")
+    logs = {"fsdp": launch(base, tmp_path / "fsdp", 2, *bf16, config="fsdp.yaml"),
+            "zero2": launch(base, tmp_path / "zero2", 2, *bf16, config="deepspeed-zero2.yaml"),
+            "zero3": launch(base, tmp_path / "zero3", 2, *bf16, "--strategy", "zero3")}
     sharded = ("fsdp", "zero2", "zero3")
+    for name, result in logs.items():  # the reference in the compute dtype, sharded like the policy
+        assert "the frozen reference holds its matmul weights in bfloat16" in result.stderr, name
     for name in ("one", "ddp", *sharded):
         before = json.load(open(tmp_path / name / "results.json"))["eval_before"]
         assert abs(before["loss"] - math.log(2)) < 1e-6 and abs(before["rewards/margins"]) < 1e-6, name
@@ -474,6 +476,25 @@ def test_a_tied_lm_head_cannot_be_a_unit_of_its_own(tmp_path):
     assert "fsdp_transformer_layer_cls_to_wrap: Linear would make the lm_head a unit of its own, but its weight is " \
            "tied to the input embeddings" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "o").exists()  # (torchrun prints its own traceback of the failed workers)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen2"])
+def test_a_bf16_reference_under_fsdp_starts_exact_in_other_families(base, tmp_path, name):
+    """GPT-2 (Conv1D layers, its lm_head tied to the embeddings: kept with them in float32) and Qwen2 (biased
+    projections): under FSDP the frozen reference's bf16 matmul layers are units of their own, and step 0 is
+    ln 2 with no margin."""
+    from test_checks import family
+
+    from fastdpo.models import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin:tiny")
+    family(name, vocab=len(tokenizer) + 8).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    result = launch((tmp_path, str(tmp_path / "model"), base[2]), tmp_path / "o", 2, "--precision", "bf16",
+                    "--eval_data", base[2], "--max_steps", "1", "--strategy", "fsdp")
+    assert "the frozen reference holds its matmul weights in bfloat16" in result.stderr
+    before = json.load(open(tmp_path / "o" / "results.json"))["eval_before"]
+    assert abs(before["loss"] - math.log(2)) < 1e-6 and abs(before["rewards/margins"]) < 1e-6
 
 
 def test_hybrid_sharding_over_two_machines_equals_one_process_and_resumes_under_fsdp(base, single, tmp_path):

@@ -288,11 +288,12 @@ def reference_weights(cfg, policy, inputs: Inputs, device, meta: bool = False) -
     return ReferenceWeights("model", model if device is None else model.to(device))
 
 
-def hold_matmul_weights_in(model, dtype: torch.dtype) -> None:
+def hold_matmul_weights_in(model, dtype: torch.dtype) -> float:
     """A frozen model's matmul weights (its linear layers', GPT-2's Conv1D) held in the autocast dtype, the
     embeddings and norms as they are: autocast casts the float32 weights of those layers to `dtype` at every
     forward, so under autocast the model computes exactly what it computed before, holding about half the bytes
-    (a tied lm_head stays with its embedding). It then runs under autocast only."""
+    (a tied lm_head stays with its embedding). It then runs under autocast only. Returns the share of its weights
+    now held in `dtype`."""
     from transformers.pytorch_utils import Conv1D
 
     embedding = model.get_input_embeddings()
@@ -301,6 +302,8 @@ def hold_matmul_weights_in(model, dtype: torch.dtype) -> None:
         if isinstance(module, (torch.nn.Linear, Conv1D)) and id(module.weight) not in tied \
                 and module.weight.dtype == torch.float32:
             module.to(dtype)
+    weights = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in weights if p.dtype == dtype) / max(sum(p.numel() for p in weights), 1)
 
 
 def disable_dropout(model) -> None:

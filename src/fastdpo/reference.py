@@ -122,7 +122,10 @@ def build_reference(cfg: Config, policy, policy_module: LogpsModule, weights: Re
     else:
         live = ModelReference(LogpsModule(weights.model, layout), weights.model)
     if weights.kind == "model" and runtime.reference_dtype is not None:  # once its layout is checked (in fp32)
-        hold_matmul_weights_in(weights.model, runtime.reference_dtype)
+        held = hold_matmul_weights_in(weights.model, runtime.reference_dtype)
+        dtype = str(runtime.reference_dtype).removeprefix("torch.")
+        runtime.log(f"fastdpo: the frozen reference holds its matmul weights in {dtype}, as autocast computes them "
+                    f"({held:.0%} of its weights)")
     if cfg.reference != "precomputed":
         return dict.fromkeys(sets, live)
     batch_size = cfg.eval_batch_size or cfg.micro_batch_size or cfg.batch_size
