@@ -587,20 +587,34 @@ main(sys.argv[1:])
 """
 
 
-def test_under_fsdp_only_the_main_process_reads_the_weights(base, single, tmp_path):
+@pytest.mark.parametrize("reference", ["copy", "precomputed"])
+def test_under_fsdp_only_the_main_process_reads_the_weights(base, single, tmp_path, reference):
     """The other processes build the model on the meta device and receive their shards (a process other than the
-    main one that opened the weights file would fail here); the result is one process's."""
+    main one that opened the weights file would fail here); the result is one process's. Precomputed reference
+    log-probs come from the sharded starting policy, each process scoring its share of the pairs (17: a share
+    padded to 9), under the cache key one process gives them."""
     script = tmp_path / "main_reads.py"
     script.write_text(MAIN_READS)
     root, model, data = base
     env = worker_env()
+    flags = ["--reference", reference, "--ref_cache_dir", str(tmp_path / "cache2")]
     args = [*TORCHRUN_2, str(script),
             "train", "--model", model, "--data", data, "--output_dir", str(tmp_path / "f"), *FLAGS,
-            "--strategy", "fsdp", "--eval_data", base[2]]
+            "--strategy", "fsdp", "--eval_data", base[2], *flags]
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the main process loads the weights; the other 1 build the model on the meta device" in result.stderr
     assert_same_weights(single, tmp_path / "f", atol=ATOL)
+    if reference == "precomputed":
+        from safetensors.torch import load_file
+
+        assert "reference log-probs for 17 train pairs: computed" in result.stderr
+        launch(base, tmp_path / "one", 1, "--reference", "precomputed", "--ref_cache_dir", str(tmp_path / "cache1"),
+               "--max_steps", "1")
+        files = {n: sorted(os.listdir(tmp_path / f"cache{n}")) for n in (1, 2)}
+        assert files[1] == files[2] and len(files[1]) == 1, files  # the eval set is the train set: one key
+        values = [load_file(tmp_path / f"cache{n}" / files[n][0])["reference_logps"] for n in (1, 2)]
+        torch.testing.assert_close(values[1], values[0], atol=1e-5, rtol=0)
     env["RANK"] = "1"  # the guard itself: process 1 cannot load the model alone
     alone = subprocess.run([sys.executable, str(script), "train", "--model", model, "--data", data, "--output_dir",
                             str(tmp_path / "alone"), *FLAGS], capture_output=True, text=True, env=env, timeout=600)

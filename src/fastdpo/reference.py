@@ -66,6 +66,22 @@ class ModelReference(Reference):
         return ModelReference(runtime.shard_frozen(self.module), self.model)
 
 
+class PolicyReference(ModelReference):
+    """The starting policy's own forward (to precompute from it): placed as the policy is, by the strategy's
+    `prepare`."""
+
+    def placed(self, runtime: Runtime) -> Reference:
+        return self
+
+
+class ToPrecompute(Reference):
+    """A set's reference log-probs still to compute, once the model that computes them (`live`) is sharded: under
+    FSDP the other processes hold no weights before that. `placed` computes them."""
+
+    def __init__(self, live: ModelReference, compute):
+        self.live, self.compute = live, compute  # compute(placed live) -> PrecomputedReference
+
+
 class AdapterReference(Reference):
     """No second model: the policy's forward with its adapters off, or with the frozen "ref" copy of a starting
     adapter active."""
@@ -108,16 +124,19 @@ def build_reference(cfg: Config, policy, policy_module: LogpsModule, weights: Re
     """The reference the config asks for, for each named set of pairs: one object shared by every set, except
     precomputed values, which belong to their set. `weights`: from `models.reference_weights`; `layout`: the run's.
 
-    Call it before the policy is prepared (sharded): a precomputing model scores its shard of the pairs alone. A
-    live reference model is placed as the strategy holds it afterwards, by `placed`."""
+    Call it before the policy is prepared (sharded): a precomputing model scores its shard of the pairs alone,
+    except where only the main process holds the weights (FSDP), where the values are computed by `placed` with
+    the sharded model. A live reference model is placed as the strategy holds it afterwards, by `placed`."""
     if weights.kind == "none":
         live = NoReference()
     elif weights.kind == "adapters":
         live = AdapterReference(policy_module, policy)
     elif weights.kind == "policy":
-        live = ModelReference(policy_module, policy)
+        live = PolicyReference(policy_module, policy)
     elif cfg.reference == "precomputed":  # a separate model that never scores training batches: its own layout
-        own = choose_layout(cfg, [weights.model], list(sets.values()), pad_token_id, runtime.device, runtime.log)
+        check = lambda: choose_layout(cfg, [weights.model], list(sets.values()), pad_token_id,  # noqa: E731
+                                      next(weights.model.parameters()).device, runtime.log)
+        own = runtime.on_main(check) if runtime.weights_on_main else check()
         live, layout = ModelReference(LogpsModule(weights.model, own), weights.model), own
     else:
         live = ModelReference(LogpsModule(weights.model, layout), weights.model)
@@ -129,18 +148,29 @@ def build_reference(cfg: Config, policy, policy_module: LogpsModule, weights: Re
     if cfg.reference != "precomputed":
         return dict.fromkeys(sets, live)
     batch_size = cfg.eval_batch_size or cfg.micro_batch_size or cfg.batch_size
-    digest = weights_digest(live.weights) if reference_cache_dir(cfg) else ""
+    digest = lambda: weights_digest(live.weights) if reference_cache_dir(cfg) else ""  # noqa: E731
+    if runtime.weights_on_main:  # the main process's weights, before they are sharded
+        digest = runtime.on_main(digest)
+        return {name: ToPrecompute(live, lambda placed_live, pairs=pairs, name=name: precompute(
+                    placed_live, pairs, name, layout, pad_token_id, batch_size, runtime, cfg, digest))
+                for name, pairs in sets.items()}
+    digest = digest()
     return {name: precompute(live, pairs, name, layout, pad_token_id, batch_size, runtime, cfg, digest)
             for name, pairs in sets.items()}
 
 
 def placed(references: dict[str, Reference], runtime: Runtime) -> dict[str, Reference]:
-    """The references as the strategy holds them, once the policy is prepared (a shared one is placed once)."""
+    """The references as the strategy holds them, once the policy is prepared (a shared one is placed once);
+    values still to precompute are computed by their placed model, which is then let go."""
     done: dict[int, Reference] = {}
-    for reference in references.values():
+
+    def place(reference: Reference) -> Reference:
         if id(reference) not in done:
             done[id(reference)] = reference.placed(runtime)
-    return {name: done[id(reference)] for name, reference in references.items()}
+        return done[id(reference)]
+
+    return {name: reference.compute(place(reference.live)) if isinstance(reference, ToPrecompute) else
+            place(reference) for name, reference in references.items()}
 
 
 # --- precomputed log-probs and their cache --------------------------------------------------------------------
@@ -208,8 +238,12 @@ def precompute(reference: Reference, pairs: PairSet, name: str, layout: Layout, 
         values = load_file(path)["reference_logps"]
         how = f"loaded from the cache {path}"
     else:
-        shard = compute_reference_logps(reference, pairs, processes.shard(list(range(len(pairs)))), layout,
-                                        pad_token_id, batch_size, runtime, progress=cfg.progress and processes.main)
+        positions = processes.shard(list(range(len(pairs))))
+        # sharded weights take every process into every forward: each runs as many batches, a short share padded
+        # with a pair whose values are dropped
+        pad = -(-len(pairs) // processes.world) - len(positions) if runtime.sharded and len(pairs) else 0
+        shard = compute_reference_logps(reference, pairs, positions + [0] * pad, layout, pad_token_id, batch_size,
+                                        runtime, progress=cfg.progress and processes.main)[:len(positions)]
         values = torch.stack(processes.unshard([list(s) for s in processes.gather(shard)]))  # (N, 2)
         how = f"computed in {time.perf_counter() - start:.1f} s" + \
             (f" by {processes.world} processes" if processes.world > 1 else "")

@@ -380,9 +380,9 @@ def start(cfg: Config) -> Runtime:
         share = cfg.batch_size // world
         options = deepspeed_options(cfg, int(wanted[-1]), min(cfg.micro_batch_size or share, share))
     # FSDP over several processes: only the main process reads the weights; the others build the model on the meta
-    # device and receive their shards as it is sharded (`_fully_shard`). Except with a precomputed reference, which
-    # every process computes for its share of the pairs with the whole starting policy, before it is sharded.
-    on_main = strategy == "fsdp" and world > 1 and cfg.reference_kind() != "precomputed"
+    # device and receive their shards as it is sharded (`_fully_shard`). A precomputed reference is computed by the
+    # sharded model (`reference.placed`).
+    on_main = strategy == "fsdp" and world > 1
     # Under bf16 / fp16 autocast a frozen reference model holds its matmul weights in that dtype, which autocast
     # casts them to at every forward anyway (`models.hold_matmul_weights_in`); under FSDP each of those layers is
     # then a unit of its own. Not for TR-DPO, whose reference moves by small steps.
