@@ -320,8 +320,6 @@ def test_a_strategy_that_cannot_run_says_so(base, tmp_path):
                  "DeepSpeed offload_optimizer_device cpu is not supported; set it to none"),
                 ("clip", "zero_stage: 2", "zero_stage: 2\n  gradient_clipping: 0.5", [],
                  "DeepSpeed gradient_clipping 0.5 is not supported; fastdpo clips at --max_grad_norm (1.0)"),
-                ("init", "zero_stage: 2", "zero_stage: 3\n  zero3_init_flag: true", [],
-                 "DeepSpeed zero3_init_flag true is not supported"),
                 ("fp16", "zero_stage: 2", "zero_stage: 2", ["--precision", "bf16", "--strategy", "fsdp"],
                  "--strategy fsdp: the processes were launched with an accelerate config for DeepSpeed ZeRO-2")]:
             path = tmp_path / f"{name}.yaml"
@@ -587,12 +585,15 @@ main(sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("reference", ["copy", "precomputed"])
-def test_under_fsdp_only_the_main_process_reads_the_weights(base, single, tmp_path, reference):
+@pytest.mark.parametrize("strategy, reference", [("fsdp", "copy"), ("fsdp", "precomputed"), ("zero3", "copy"),
+                                                 ("zero3", "precomputed")])
+def test_under_fsdp_and_zero3_only_the_main_process_reads_the_weights(base, single, tmp_path, strategy, reference):
     """The other processes build the model on the meta device and receive their shards (a process other than the
     main one that opened the weights file would fail here); the result is one process's. Precomputed reference
     log-probs come from the sharded starting policy, each process scoring its share of the pairs (17: a share
     padded to 9), under the cache key one process gives them."""
+    if strategy == "zero3":
+        needs_deepspeed()
     script = tmp_path / "main_reads.py"
     script.write_text(MAIN_READS)
     root, model, data = base
@@ -600,10 +601,12 @@ def test_under_fsdp_only_the_main_process_reads_the_weights(base, single, tmp_pa
     flags = ["--reference", reference, "--ref_cache_dir", str(tmp_path / "cache2")]
     args = [*TORCHRUN_2, str(script),
             "train", "--model", model, "--data", data, "--output_dir", str(tmp_path / "f"), *FLAGS,
-            "--strategy", "fsdp", "--eval_data", base[2], *flags]
+            "--strategy", strategy, "--eval_data", base[2], *flags]
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "the main process loads the weights; the other 1 build the model on the meta device" in result.stderr
+    how = {"fsdp": "FSDP2", "zero3": "DeepSpeed ZeRO-3"}[strategy]
+    assert f"fastdpo: {how}: the main process loads the weights; the other 1 build the model on the meta device" \
+        in result.stderr
     assert_same_weights(single, tmp_path / "f", atol=ATOL)
     if reference == "precomputed":
         from safetensors.torch import load_file

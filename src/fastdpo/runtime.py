@@ -184,10 +184,7 @@ class Runtime:
             register_fsdp_forward_method(head, "chunked_logps")
         if self.weights_on_main:
             self._receive_weights(module, full)
-        if optimizer is not None:
-            sharded = dict(module.named_parameters())
-            for group in optimizer.param_groups:
-                group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+        _replace_params(optimizer, names, module)
         return module, optimizer
 
     def device_mesh(self):
@@ -232,6 +229,10 @@ class Runtime:
                                ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
                                ("stage3_param_persistence_threshold", 10 * hidden)):
                 config["zero_optimization"].setdefault(key, value)
+        if config["zero_optimization"]["stage"] == 3 and self.weights_on_main:
+            names = {id(p): name for name, p in module.named_parameters()}
+            self._partition_from_main(module, config)
+            _replace_params(optimizer, names, module)  # the other processes' meta parameters were replaced
         if config["zero_optimization"]["stage"] == 3 and module.layout.head == "chunked":
             # the chunked head reads the lm_head's weight in this module's forward, not in the lm_head's own
             for param in module.model.get_output_embeddings().parameters():
@@ -245,6 +246,41 @@ class Runtime:
                  f"processes: " + ("the weights, gradients and optimizer state are sharded" if self.zero3 else
                                    "gradients and optimizer state sharded, every process holds the weights"))
         return engine, EngineOptimizer(engine)
+
+    def _partition_from_main(self, module, config: dict) -> None:
+        """`module`'s ZeRO-3 partitions from the main process's weights, where the other processes hold it on the
+        meta device: a module's own parameters at a time are made real on this device (on any process at most
+        one layer's weights beyond its partitions), DeepSpeed broadcasts them from the main process as it converts
+        them and keeps each process's partition. Buffers (rotary tables and the like) are broadcast whole. What
+        `deepspeed.initialize` finds already partitioned it keeps."""
+        from deepspeed.runtime.zero.partition_parameters import Init, is_zero_param
+
+        real: dict[int, torch.Tensor] = {}  # a meta tensor's id -> its replacement (a tied weight is replaced once)
+        convert = None
+        for sub in module.modules():
+            for name, buffer in sub._buffers.items():
+                if buffer is not None:
+                    if id(buffer) not in real:
+                        real[id(buffer)] = torch.empty_like(buffer, device=self.device) if buffer.is_meta \
+                            else buffer.to(self.device)
+                        dist.broadcast(real[id(buffer)], src=0)
+                    sub._buffers[name] = real[id(buffer)]
+            own = []
+            for name, param in sub._parameters.items():
+                if param is None or is_zero_param(param):  # (a tied weight is converted with its first module)
+                    continue
+                if param.is_meta:
+                    if id(param) not in real:
+                        real[id(param)] = torch.nn.Parameter(torch.empty_like(param, device=self.device),
+                                                             requires_grad=param.requires_grad)
+                    param = sub._parameters[name] = real[id(param)]
+                if not is_zero_param(param):
+                    own.append(param)
+            if own and convert is None:
+                Init(module=torch.nn.ParameterList(own), config_dict_or_path=config, dtype=torch.float32)
+                convert = own[0].convert_to_zero_parameters
+            elif own:
+                convert(param_list=own)
 
     def backward(self, module, loss) -> None:
         if self.strategy == "deepspeed":  # the loss is already scaled for the micro-batches of the step
@@ -379,10 +415,10 @@ def start(cfg: Config) -> Runtime:
     elif strategy == "deepspeed":
         share = cfg.batch_size // world
         options = deepspeed_options(cfg, int(wanted[-1]), min(cfg.micro_batch_size or share, share))
-    # FSDP over several processes: only the main process reads the weights; the others build the model on the meta
-    # device and receive their shards as it is sharded (`_fully_shard`). A precomputed reference is computed by the
+    # FSDP and ZeRO-3 over several processes: only the main process reads the weights; the others build the model
+    # on the meta device and receive their shards as it is sharded (`_fully_shard`, `_partition_from_main`). A precomputed reference is computed by the
     # sharded model (`reference.placed`).
-    on_main = strategy == "fsdp" and world > 1
+    on_main = (strategy == "fsdp" or options.get("zero_optimization", {}).get("stage") == 3) and world > 1
     # Under bf16 / fp16 autocast a frozen reference model holds its matmul weights in that dtype, which autocast
     # casts them to at every forward anyway (`models.hold_matmul_weights_in`); under FSDP each of those layers is
     # then a unit of its own. Not for TR-DPO, whose reference moves by small steps.
@@ -482,8 +518,8 @@ def deepspeed_options(cfg: Config, stage: int, micro: int) -> dict:
         device = zero.get(f"offload_{part}", {}).get("device", default)
         if str(device).lower() not in ("none", ""):
             refuse(f"offload_{part}_device {device}", "set it to none")
-    if env("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false") == "true":
-        refuse("zero3_init_flag true", "set it to false (every process loads the model, then ZeRO-3 partitions it)")
+    # zero3_init_flag (the model partitioned as it is built) is what fastdpo does under ZeRO-3 either way: the main
+    # process reads the weights and the others receive their partitions (`Runtime._partition_from_main`)
     rest = {k: v for k, v in from_file.items() if k not in ("zero_optimization", "gradient_clipping") and v != "auto"}
     return {**rest, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
             "managed_gradient_accumulation": False, "gradient_clipping": cfg.max_grad_norm,
@@ -542,6 +578,17 @@ def fsdp_options(world: int, hybrid: bool = False) -> dict:
     layers = [name.strip() for name in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if name.strip()]
     return {"reshard_after_forward": switch("FSDP_RESHARD_AFTER_FORWARD", True), "layers": layers or None,
             "mesh": (replicas, shards) if replicas > 1 else None}
+
+
+def _replace_params(optimizer, names: dict, module) -> None:
+    """`optimizer` (None: nothing to do), built over parameters that `module` has replaced since (by sharded or
+    materialised ones; `names`: the old ones' ids -> their names), gets the new ones in their place (it has taken
+    no step yet)."""
+    if optimizer is None:
+        return
+    params = dict(module.named_parameters())
+    for group in optimizer.param_groups:
+        group["params"] = [params[names[id(p)]] for p in group["params"]]
 
 
 def _lower_dtype_modules(module) -> set:

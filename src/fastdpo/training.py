@@ -223,7 +223,8 @@ def load_models(cfg: Config, inputs: Inputs, runtime: Runtime):
     its device; the other processes hold the models' structure on the meta device (`Runtime.weights_on_main`)."""
     meta = runtime.weights_on_main and not runtime.main
     if runtime.weights_on_main:
-        runtime.log(f"fastdpo: FSDP2: the main process loads the weights; the other {runtime.processes.world - 1} "
+        how = "FSDP2" if runtime.strategy == "fsdp" else "DeepSpeed ZeRO-3"
+        runtime.log(f"fastdpo: {how}: the main process loads the weights; the other {runtime.processes.world - 1} "
                     "build the model on the meta device and receive their shards")
     policy = load_policy(cfg, inputs, meta=meta, strategy=runtime.strategy, log=runtime.log)
     device = None if runtime.weights_on_main else runtime.device  # the main process's stay on its CPU
