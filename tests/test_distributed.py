@@ -585,13 +585,26 @@ main(sys.argv[1:])
 """
 
 
+def lora_adapter(model: str, out) -> str:
+    """A LoRA adapter directory of `model` with non-zero weights (a reference that differs from the policy)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(out)
+    return str(out)
+
+
 @pytest.mark.parametrize("strategy, reference", [("fsdp", "copy"), ("fsdp", "precomputed"), ("zero3", "copy"),
-                                                 ("zero3", "precomputed")])
+                                                 ("zero3", "precomputed"), ("fsdp", "adapter")])
 def test_under_fsdp_and_zero3_only_the_main_process_reads_the_weights(base, single, tmp_path, strategy, reference):
     """The other processes build the model on the meta device and receive their shards (a process other than the
     main one that opened the weights file would fail here); the result is one process's. Precomputed reference
     log-probs come from the sharded starting policy, each process scoring its share of the pairs (17: a share
-    padded to 9), under the cache key one process gives them."""
+    padded to 9), under the cache key one process gives them. A --ref_model that is a LoRA adapter directory
+    (its base with the adapter merged in) is read by the main process only too."""
     if strategy == "zero3":
         needs_deepspeed()
     script = tmp_path / "main_reads.py"
@@ -599,6 +612,11 @@ def test_under_fsdp_and_zero3_only_the_main_process_reads_the_weights(base, sing
     root, model, data = base
     env = worker_env()
     flags = ["--reference", reference, "--ref_cache_dir", str(tmp_path / "cache2")]
+    if reference == "adapter":  # under the guarded directory: only the main process may read it
+        adapter = lora_adapter(model, tmp_path / "model" / "ref-adapter")
+        flags = ["--ref_model", adapter]
+        single = tmp_path / "one"
+        launch(base, single, 1, "--eval_data", base[2], *flags)
     args = [*TORCHRUN_2, str(script),
             "train", "--model", model, "--data", data, "--output_dir", str(tmp_path / "f"), *FLAGS,
             "--strategy", strategy, "--eval_data", base[2], *flags]
@@ -638,28 +656,38 @@ def nan_in_step_2(pc, pr, rc, rr, *, beta):  # each process scores 2 micro-batch
     return losses * float("nan") if calls[0] in (3, 4) else losses
 
 
+def inf_grad_in_step_2(pc, pr, rc, rr, *, beta):  # a finite loss whose gradients are not: d sqrt(x) / dx at 0
+    calls[0] += 1
+    losses = sigmoid(pc, pr, rc, rr, beta=beta)
+    return losses + (pc - pc.detach()).sqrt() if calls[0] in (3, 4) else losses
+
+
 LOSSES["nan_in_step_2"] = Loss(nan_in_step_2)
+LOSSES["inf_grad_in_step_2"] = Loss(inf_grad_in_step_2)
 main(sys.argv[1:])
 """
 
 
-def test_a_non_finite_step_under_deepspeed_is_skipped_as_under_ddp(base, tmp_path):
-    """Step 2's loss is NaN: its update is skipped (the accumulated gradients dropped, the optimizer state left as
-    it was), and the run goes on exactly as DDP's does."""
+@pytest.mark.parametrize("loss, strategies", [("nan_in_step_2", ("ddp", "zero2")),
+                                              ("inf_grad_in_step_2", ("ddp", "zero2", "zero3", "fsdp"))])
+def test_a_non_finite_step_under_a_sharded_strategy_is_skipped_as_under_ddp(base, tmp_path, loss, strategies):
+    """Step 2's loss is NaN, or finite with infinite gradients: its update is skipped (the accumulated gradients
+    dropped, the optimizer state left as it was), and the run goes on exactly as DDP's does."""
     needs_deepspeed()
     script = tmp_path / "skipping.py"
     script.write_text(SKIPPING)
     root, model, data = base
     env = worker_env()
-    for strategy in ("ddp", "zero2"):
+    for strategy in strategies:
         args = [*TORCHRUN_2, str(script),
                 "train", "--model", model, "--data", data, "--output_dir", str(tmp_path / strategy), *FLAGS,
-                "--loss", "nan_in_step_2", "--strategy", strategy, "--epochs", "2"]
+                "--loss", loss, "--strategy", strategy, "--epochs", "2"]
         result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert "step 2: non-finite loss or gradients, update skipped" in result.stderr
-        assert [line["skipped_steps"] for line in train_lines(tmp_path / strategy)] == [0, 1, 1, 1, 1, 1]
-    assert_same_weights(tmp_path / "ddp", tmp_path / "zero2", atol=ATOL)
+        assert "step 2: non-finite loss or gradients, update skipped" in result.stderr, strategy
+        assert [line["skipped_steps"] for line in train_lines(tmp_path / strategy)] == [0, 1, 1, 1, 1, 1], strategy
+    for strategy in strategies[1:]:
+        assert_same_weights(tmp_path / "ddp", tmp_path / strategy, atol=ATOL)
 
 
 def test_every_shipped_accelerate_config_loads_and_is_documented():

@@ -332,7 +332,9 @@ def load_model(name: str, seed: int = 42, trust_remote_code: bool = False, flag:
     An adapter directory loads its base with the adapter merged in (for scoring: `eval`, `--ref_model`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if os.path.isdir(name) and adapter_base(name):
+    if os.path.isdir(name) and adapter_base(name):  # merged, it has its base's structure
+        if meta:
+            return load_model(adapter_base(name), seed, trust_remote_code, flag, dtype=dtype, meta=True)
         return _load_adapter_merged(name, seed, trust_remote_code, flag, dtype)
     source = _source(name, flag)
     try:
