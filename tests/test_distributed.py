@@ -38,8 +38,10 @@ def two_workers(base, out, *flags) -> list[str]:
 
 
 def worker_env() -> dict:
-    """The environment of the launched processes: one thread each (two share the 2 cores)."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    """The environment of the launched processes: one thread each (two share the 2 cores). With 2 or more GPUs
+    they run on them (NCCL); with one, on CPU processes (gloo), since NCCL takes a GPU per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {**env, "CUDA_VISIBLE_DEVICES": ""} if GPUS == 1 else env
 
 
 def launch(base, out, processes: int, *flags, expect_code: int = 0, config: str | None = None
