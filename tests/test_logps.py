@@ -415,3 +415,33 @@ def test_llama4_text_model_gets_the_chunked_head_and_exact_logps():
     for i, pair in enumerate(PAIRS):
         assert abs(chosen[i].item() - naive_logps(model, pair.prompt_ids, pair.chosen_ids)) < 1e-4
         assert abs(rejected[i].item() - naive_logps(model, pair.prompt_ids, pair.rejected_ids)) < 1e-4
+
+
+def saved_mask_storages(model, batch, dtype=None) -> tuple[int, set]:
+    """The number of distinct storages of (L, L)-sized tensors autograd keeps for backward in one forward (the
+    attention masks), and their dtypes."""
+    R, L = batch.input_ids.shape
+    storages, dtypes = set(), set()
+
+    def pack(t):
+        if t.dim() == 4 and t.shape[:2] == (R, 1) and t.shape[-2:] == (L, L):  # (R, 1, L, L)
+            storages.add(t.untyped_storage().data_ptr())
+            dtypes.add(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        logps, _ = sequence_logps(model, batch)
+    logps.sum().backward()
+    return len(storages), dtypes
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_one_mask_per_forward_whatever_the_number_of_layers(dtype):
+    """The 4-D mask is built once per forward, on the device, in the dtype attention computes in, and every
+    layer uses that one tensor: what autograd keeps of it does not grow with the layers."""
+    batch = collate_packed(PAIRS, 2, share_prompt=True, pack=True)
+    for layers in (1, 4):
+        model = tiny_llama(40, layers=layers)
+        count, dtypes = saved_mask_storages(model, batch, dtype)
+        assert count == 1 and dtypes == {dtype or torch.float32}, (layers, count, dtypes)

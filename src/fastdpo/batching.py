@@ -15,7 +15,10 @@ layout.
   two (at most 1/8 padding), so a run meets few distinct shapes: kernels are chosen and cached per shape (torch's
   bf16 CPU kernels keep MBs of heap for each shape they have seen, for the life of the process).
 
-Prefix-shared and packed segments use a 4-D boolean mask `(R, 1, L, L)`, True where attention is allowed.
+Prefix-shared and packed segments need a 4-D mask `(R, 1, L, L)`; a batch carries it as two `(R, L)` vectors (each
+slot's segment, and whether it is a chosen or rejected token of a prefix-shared segment), from which the mask is
+built on the device once per forward (`Batch.additive_mask`), so the host never builds or copies the `(L, L)`
+blocks.
 
 A run's choice among them, and of the lm_head path, is one immutable `Layout`, chosen once by the start-up
 exactness check (`logps.check_layout`) and passed to everything that collates or scores.
@@ -66,13 +69,18 @@ class Layout:
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (R, L)
-    attention_mask: torch.Tensor  # (R, L) padding mask, or (R, 1, L, L) bool for shared / packed layouts
-    position_ids: torch.Tensor | None  # (R, L), None for the concatenated layout
+    padding_mask: torch.Tensor | None  # (R, L), 1 for real tokens: the concatenated layout's mask; None otherwise
+    position_ids: torch.Tensor | None  # (R, L), -1 on padding; None for the concatenated layout
+    # The prefix-shared and packed layouts' attention, as two (R, L) vectors rather than an (R, 1, L, L) mask:
+    segment_ids: torch.Tensor | None  # (R, L) int32: a slot's segment in its row; each padding slot one of its own
+    sides: torch.Tensor | None  # (R, L) int8: 1 chosen, 2 rejected in a prefix-shared segment, else 0
     score_rows: torch.Tensor  # (M,) row of the hidden state that predicts each response token
     score_cols: torch.Tensor  # (M,) its column
     score_labels: torch.Tensor  # (M,) the response token
     score_seq: torch.Tensor  # (M,) sequence index in [0, 2B): chosen of pair b -> b, rejected -> B + b
+    score_counts: torch.Tensor  # (2B,) scored tokens per sequence, counted on the host
     indices: list[int]  # record index of each pair, (B,)
+    real_tokens: int  # the (R, L) slots that are not padding, counted on the host
 
     @property
     def num_pairs(self) -> int:
@@ -81,15 +89,35 @@ class Batch:
     @property
     def padding_share(self) -> float:
         """Share of the (R, L) token slots that are padding."""
-        real = int(self.position_ids.ge(0).sum()) if self.position_ids is not None else int(
-            self.attention_mask.sum())
-        return 1.0 - real / self.input_ids.numel()
+        return 1.0 - self.real_tokens / self.input_ids.numel()
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """The padding mask (R, L) of the concatenated layout, else the boolean mask (R, 1, L, L), True where a
+        query (row) may attend to a key (column): `dense_mask`."""
+        return self.padding_mask if self.segment_ids is None else self.dense_mask()
+
+    def dense_mask(self) -> torch.Tensor:
+        """(R, 1, L, L) bool, built on the batch's device from the (R, L) vectors: a query sees the keys at or
+        before it in its own segment, except a rejected token the chosen ones."""
+        seg, side = self.segment_ids, self.sides
+        cols = torch.arange(seg.shape[1], device=seg.device)
+        allowed = (cols[None, :, None] >= cols[None, None, :]) & (seg[:, :, None] == seg[:, None, :])  # (R, L, L)
+        allowed &= ~((side[:, :, None] == 2) & (side[:, None, :] == 1))
+        return allowed[:, None]
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """`dense_mask` as the scores' additive mask (0 where allowed, the dtype's lowest value elsewhere), in the
+        dtype the attention computes in: one tensor per forward, shared by every layer, which neither SDPA nor
+        eager attention converts again. Shape: (R, 1, L, L)."""
+        zero = torch.zeros((), dtype=dtype, device=self.input_ids.device)
+        return torch.where(self.dense_mask(), zero, torch.finfo(dtype).min)
 
     def to(self, device) -> "Batch":
-        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
-        return Batch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
-                     move(self.score_rows), move(self.score_cols), move(self.score_labels), move(self.score_seq),
-                     self.indices)
+        move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
+        return Batch(move(self.input_ids), move(self.padding_mask), move(self.position_ids), move(self.segment_ids),
+                     move(self.sides), move(self.score_rows), move(self.score_cols), move(self.score_labels),
+                     move(self.score_seq), move(self.score_counts), self.indices, self.real_tokens)
 
 
 def collate_concatenated(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
@@ -105,7 +133,9 @@ def collate_concatenated(pairs: Sequence[TokenizedPair], pad_token_id: int) -> B
         input_ids[i, : n + m] = torch.tensor(prompt + response, dtype=torch.long)
         attention_mask[i, : n + m] = 1
         _add_scores(score, row=i, cols=range(n - 1, n + m - 1), labels=response, seqs=[i] * m)
-    return Batch(input_ids, attention_mask, None, *_score_tensors(score), [p.index for p in pairs])
+    real = sum(len(prompt) + len(response) for prompt, response in rows)
+    return Batch(input_ids, attention_mask, None, None, None, *_score_tensors(score, 2 * B),
+                 [p.index for p in pairs], real)
 
 
 def collate_packed(pairs: Sequence[TokenizedPair], pad_token_id: int, share_prompt: bool = True,
@@ -117,7 +147,7 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_token_id: int, share_prom
     `max(row_length, longest segment)` tokens (else one segment per row).
     """
     B = len(pairs)
-    segments = []  # (ids, positions, (n, n) mask, (cols, labels, seqs)) per segment
+    segments = []  # (ids, positions, sides, (cols, labels, seqs)) per segment
     for b, p in enumerate(pairs):
         if share_prompt:
             segments.append(_shared_segment(p, b, B))
@@ -130,21 +160,25 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_token_id: int, share_prom
     R = len(rows)
     input_ids = torch.full((R, width), pad_token_id, dtype=torch.long)  # (R, L)
     position_ids = torch.full((R, width), -1, dtype=torch.long)  # (R, L), -1 marks padding until the end
-    mask = torch.zeros((R, 1, width, width), dtype=torch.bool)  # (R, 1, L, L)
+    # padding slots each in a segment of their own (-1 - column): a padding query attends to itself only, so no
+    # row of the mask is empty (NaN in softmax)
+    segment_ids = (-1 - torch.arange(width, dtype=torch.int32)).repeat(R, 1)  # (R, L)
+    sides = torch.zeros((R, width), dtype=torch.int8)  # (R, L)
     score = ([], [], [], [])
     for r, row in enumerate(rows):
         offset = 0
-        for i in row:
-            ids, positions, seg_mask, (cols, labels, seqs) = segments[i]
+        for k, i in enumerate(row):
+            ids, positions, seg_sides, (cols, labels, seqs) = segments[i]
             n = len(ids)
             input_ids[r, offset : offset + n] = torch.tensor(ids, dtype=torch.long)
             position_ids[r, offset : offset + n] = torch.tensor(positions, dtype=torch.long)
-            mask[r, 0, offset : offset + n, offset : offset + n] = seg_mask
+            segment_ids[r, offset : offset + n] = k
+            sides[r, offset : offset + n] = torch.tensor(seg_sides, dtype=torch.int8)
             _add_scores(score, row=r, cols=[c + offset for c in cols], labels=labels, seqs=seqs)
             offset += n
-        pad = torch.arange(offset, width)
-        mask[r, 0, pad, pad] = True  # padding attends to itself only: no all-masked rows (NaN in softmax)
-    return Batch(input_ids, mask, position_ids, *_score_tensors(score), [p.index for p in pairs])
+    real = sum(len(s[0]) for s in segments)
+    return Batch(input_ids, None, position_ids, segment_ids, sides, *_score_tensors(score, 2 * B),
+                 [p.index for p in pairs], real)
 
 
 def bucket_width(width: int, row_length: int = 0) -> int:
@@ -161,26 +195,25 @@ def model_position_ids(batch: Batch) -> torch.Tensor | None:
 
 
 def _plain_segment(prompt: list[int], response: list[int], seq: int):
+    """`[prompt | response]`, causal."""
     ids = prompt + response
     n = len(ids)
-    mask = torch.ones(n, n, dtype=torch.bool).tril()  # causal
     cols = list(range(len(prompt) - 1, n - 1))
-    return ids, list(range(n)), mask, (cols, response, [seq] * len(response))
+    return ids, list(range(n)), [0] * n, (cols, response, [seq] * len(response))
 
 
 def _shared_segment(p: TokenizedPair, b: int, B: int):
-    """`[prompt | chosen | rejected]`: rejected sees the prompt and itself, not the chosen tokens."""
+    """`[prompt | chosen | rejected]`: rejected sees the prompt and itself, not the chosen tokens (sides 1, 2)."""
     n, c, r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
     ids = p.prompt_ids + p.chosen_ids + p.rejected_ids
     positions = list(range(n + c)) + list(range(n, n + r))
-    mask = torch.ones(n + c + r, n + c + r, dtype=torch.bool).tril()
-    mask[n + c :, n : n + c] = False  # hide chosen from rejected
+    sides = [0] * n + [1] * c + [2] * r
     chosen_cols = list(range(n - 1, n + c - 1))
     rejected_cols = [n - 1] + list(range(n + c, n + c + r - 1))  # first rejected token: from the last prompt token
     cols = chosen_cols + rejected_cols
     labels = p.chosen_ids + p.rejected_ids
     seqs = [b] * c + [B + b] * r
-    return ids, positions, mask, (cols, labels, seqs)
+    return ids, positions, sides, (cols, labels, seqs)
 
 
 def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -206,8 +239,12 @@ def _add_scores(score, row: int, cols, labels, seqs) -> None:
     score[3].extend(seqs)
 
 
-def _score_tensors(score) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.tensor(values, dtype=torch.long) for values in score)
+def _score_tensors(score, num_seqs: int) -> tuple[torch.Tensor, ...]:
+    """The (rows, cols, labels, seqs) lists as tensors, and the scored tokens per sequence. Shapes: 4 x (M,), (2B,)."""
+    counts = [0] * num_seqs
+    for seq in score[3]:
+        counts[seq] += 1
+    return (*(torch.tensor(values, dtype=torch.long) for values in score), torch.tensor(counts, dtype=torch.long))
 
 
 def batch_order(num_pairs: int, batch_size: int, shuffle: bool, seed: int, epoch: int = 0,

@@ -13,7 +13,7 @@ from fastdpo.data import Fields
 from fastdpo.errors import UserError
 from fastdpo.logps import LogpsModule, choose_layout
 from fastdpo.losses import REFERENCE_FREE
-from fastdpo.metrics import pooled_means
+from fastdpo.metrics import on_host, pooled_means
 from fastdpo.models import (Inputs, check_models, in_torch_dtype, is_lora, load_model, policy_tokenizer,
                             reference_weights, weights_dtype)
 from fastdpo.reference import Reference, build_reference
@@ -49,9 +49,12 @@ def evaluate_pairs(policy, reference: Reference, pairs: PairSet, cfg: Config, la
         batch = layout.collate([pairs[i] for i in chunk], pad_token_id).to(runtime.device)
         with runtime.autocast():
             scored = score_batch(policy, reference, batch, chunk, cfg)
-        for key, value in scored.metrics.items():
-            values.setdefault(key, []).append(value.cpu())
-        rows += per_pair_rows(batch.indices, {key: parts[-1] for key, parts in values.items()}, scored)
+        host = on_host({**scored.metrics, "ref_chosen": scored.reference_chosen,  # one transfer a batch
+                        "ref_rejected": scored.reference_rejected})
+        ref_chosen, ref_rejected = host.pop("ref_chosen"), host.pop("ref_rejected")
+        for key, value in host.items():
+            values.setdefault(key, []).append(value)
+        rows += per_pair_rows(batch.indices, host, ref_chosen, ref_rejected)
         bar.update(len(chunk))
     bar.close()
     metrics = {key: torch.cat(parts).mean().item() for key, parts in values.items()}
@@ -61,10 +64,12 @@ def evaluate_pairs(policy, reference: Reference, pairs: PairSet, cfg: Config, la
     return EvalResult(metrics, rows)
 
 
-def per_pair_rows(indices: list[int], m: dict[str, torch.Tensor], scored) -> list[dict]:
-    """One `--per_pair_out` row per pair of a batch (its per-pair metrics `m`, on the CPU)."""
+def per_pair_rows(indices: list[int], m: dict[str, torch.Tensor], ref_chosen: torch.Tensor,
+                  ref_rejected: torch.Tensor) -> list[dict]:
+    """One `--per_pair_out` row per pair of a batch (its per-pair metrics `m` and reference log-probs, on the
+    CPU)."""
     column = {key: value.tolist() for key, value in m.items()}
-    ref_chosen, ref_rejected = scored.reference_chosen.cpu().tolist(), scored.reference_rejected.cpu().tolist()
+    ref_chosen, ref_rejected = ref_chosen.tolist(), ref_rejected.tolist()
     return [{"index": index,
              "policy_chosen_logps": column["logps/chosen"][i], "policy_rejected_logps": column["logps/rejected"][i],
              "reference_chosen_logps": ref_chosen[i], "reference_rejected_logps": ref_rejected[i],

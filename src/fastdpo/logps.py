@@ -63,18 +63,19 @@ def sum_per_sequence(token_logps: torch.Tensor, batch: Batch) -> tuple[torch.Ten
     num_seqs = 2 * batch.num_pairs
     logps = torch.zeros(num_seqs, dtype=torch.float32, device=token_logps.device)
     logps = logps.index_add(0, batch.score_seq, token_logps)  # (2B,)
-    counts = torch.bincount(batch.score_seq, minlength=num_seqs)  # (2B,)
-    return logps, counts
+    return logps, batch.score_counts  # (2B,), (2B,)
 
 
 def attention_mask_for(model, batch: Batch) -> torch.Tensor:
-    """A 4-D boolean mask as the model's attention implementation wants it: SDPA and flex take booleans
-    (True = attend); eager adds the mask to the scores, so it gets 0 / -inf."""
-    mask = batch.attention_mask
-    if mask.dim() == 4 and getattr(model.config, "_attn_implementation", "sdpa") == "eager":
-        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
-            ~mask, torch.finfo(torch.float32).min)
-    return mask
+    """The mask the model's attention takes: the concatenated layout's (R, L) padding mask, else the 4-D mask
+    built once for this forward on the batch's device, additive (0 / lowest) in the dtype the attention computes
+    in (the autocast dtype, else the weights'), which SDPA and eager attention use as it is in every layer."""
+    if batch.segment_ids is None:
+        return batch.padding_mask
+    device = batch.input_ids.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
+        model.get_input_embeddings().weight.dtype
+    return batch.additive_mask(dtype)
 
 
 def backbone(model):

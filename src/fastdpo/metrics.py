@@ -60,6 +60,16 @@ class ProgressBar:
         self.bar.close()
 
 
+def on_host(values: dict) -> dict:
+    """Same-shaped tensors (per-pair metrics, (b,) each) moved to the CPU in one transfer: one host synchronisation
+    for all of them, not one per key."""
+    import torch
+
+    if not values:
+        return {}
+    return dict(zip(values, torch.stack([v.detach().float() for v in values.values()]).cpu()))
+
+
 def mean_metrics(parts: list[dict]) -> dict:
     """Pair-weighted means of per-pair metric tensors collected over micro-batches."""
     import torch

@@ -22,7 +22,7 @@ from fastdpo.data import Fields
 from fastdpo.errors import UserError
 from fastdpo.evaluation import evaluate_pairs
 from fastdpo.logps import LogpsModule, choose_layout
-from fastdpo.metrics import LogWindow, MetricsFile, NoMetricsFile, ProgressBar, StepRecord, mean_metrics
+from fastdpo.metrics import LogWindow, MetricsFile, NoMetricsFile, ProgressBar, StepRecord, mean_metrics, on_host
 from fastdpo.outputs import Plan, atomic_write_text, claim, plan_output_dir, recorded, remove_ours, write_error
 from fastdpo.models import Inputs, check_models, is_lora, load_policy, policy_tokenizer, reference_weights, save_dtype
 from fastdpo.reference import Reference, build_reference, placed, sync_reference
@@ -387,7 +387,8 @@ class StepStats:
 def gather_step(processes: Processes, shares: list[ShareOfStep], stop_requested: bool) -> StepStats:
     """The step's numbers from every process, in one gather (a process's share of a short last batch can be
     empty)."""
-    metrics = {key: torch.cat([s.metrics[key] for s in shares]).cpu() for key in shares[0].metrics} if shares else None
+    metrics = on_host({key: torch.cat([s.metrics[key] for s in shares]) for key in shares[0].metrics}) \
+        if shares else None
     everyone = processes.gather(ProcessStep(metrics, sum(s.tokens for s in shares),
                                             [s.padding_share for s in shares], stop_requested))
     means = mean_metrics([p.metrics for p in everyone if p.metrics is not None])
