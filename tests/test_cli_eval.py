@@ -104,3 +104,35 @@ def test_missing_model_directory_is_a_clear_error(tmp_path, capsys):
     run_cli(["eval", "--model", str(tmp_path / "nope"), "--ref_model", str(tmp_path / "nope"), "--data",
              str(data)], capsys, expect_code=1)
     assert "no such model directory" in run_cli.last_stderr
+
+
+def test_flex_attention_eval_on_cpu_gives_the_sdpa_numbers_and_training_with_it_is_refused(models, tmp_path, capsys):
+    """FlexAttention with the layout's BlockMask scores the pairs as SDPA does (forward only on CPU); training with
+    it on CPU, where torch has no flex backward, is one line and writes nothing."""
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    rows = {}
+    for impl in ("sdpa", "flex_attention"):
+        out = tmp_path / f"{impl}.jsonl"
+        run_cli(eval_args(models, data, "--attn_implementation", impl, "--per_pair_out", str(out)), capsys)
+        assert f"fastdpo: attention: {impl}" in run_cli.last_stderr
+        rows[impl] = [json.loads(line) for line in out.read_text().splitlines()]
+    for a, b in zip(rows["sdpa"], rows["flex_attention"]):
+        for key in ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-4), key
+    run_cli(["train", "--model", str(models / "policy"), "--data", str(data), "--output_dir", str(tmp_path / "o"),
+             "--attn_implementation", "flex_attention"], capsys, expect_code=2)
+    assert "--attn_implementation flex_attention: torch has no FlexAttention backward on CPU" in run_cli.last_stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward runs on CUDA only (torch has "
+                                                          "none on CPU); not yet run on a GPU")
+def test_flex_attention_training_on_cuda_equals_sdpa(models, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS * 4)
+    for impl in ("sdpa", "flex_attention"):
+        run_cli(["train", "--model", str(models / "policy"), "--data", str(data), "--output_dir", str(tmp_path / impl),
+                 "--attn_implementation", impl, "--max_steps", "2", "--batch_size", "4", "--progress", "false"],
+                capsys)
+    from conftest import assert_same_weights
+
+    assert_same_weights(tmp_path / "sdpa", tmp_path / "flex_attention", atol=1e-4)

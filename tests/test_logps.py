@@ -445,3 +445,17 @@ def test_one_mask_per_forward_whatever_the_number_of_layers(dtype):
         model = tiny_llama(40, layers=layers)
         count, dtypes = saved_mask_storages(model, batch, dtype)
         assert count == 1 and dtypes == {dtype or torch.float32}, (layers, count, dtypes)
+
+
+def test_flex_attention_with_the_layouts_block_mask_gives_the_sdpa_log_probs():
+    """Prefix-shared, packed and both: the BlockMask built from the batch's (R, L) vectors masks what the dense
+    mask masks (forward only: torch has no flex backward on CPU)."""
+    model = tiny_llama(40)
+    for share, pack in ((True, True), (False, True), (True, False)):
+        batch = collate_packed(PAIRS, 2, share_prompt=share, pack=pack)
+        with torch.no_grad():
+            model.set_attn_implementation("sdpa")
+            sdpa, _ = sequence_logps(model, batch)
+            model.set_attn_implementation("flex_attention")
+            flex, _ = sequence_logps(model, batch)
+        torch.testing.assert_close(flex, sdpa, atol=1e-4, rtol=1e-5, msg=f"share {share}, pack {pack}")

@@ -113,6 +113,19 @@ class Batch:
         zero = torch.zeros((), dtype=dtype, device=self.input_ids.device)
         return torch.where(self.dense_mask(), zero, torch.finfo(dtype).min)
 
+    def block_mask(self):
+        """`dense_mask` as FlexAttention's BlockMask: the same rule as a function of (row, query, key), evaluated
+        block by block on the device, so the (L, L) mask is never held and empty blocks are skipped."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        seg, side = self.segment_ids, self.sides
+
+        def allowed(b, h, q, k):
+            return (q >= k) & (seg[b, q] == seg[b, k]) & ~((side[b, q] == 2) & (side[b, k] == 1))
+
+        R, L = seg.shape
+        return create_block_mask(allowed, R, None, L, L, device=seg.device)
+
     def to(self, device) -> "Batch":
         move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
         return Batch(move(self.input_ids), move(self.padding_mask), move(self.position_ids), move(self.segment_ids),

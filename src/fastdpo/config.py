@@ -48,6 +48,11 @@ class Config:
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "dtype of the policy's and reference's weights as loaded and trained; auto: the checkpoint's (its "
                 "config's dtype, float32 where it names none). A copy reference shares the policy's", eval=True)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = opt(
+        "auto", "the models' attention; flex_attention takes the prefix-shared and packed layouts' mask as a "
+                "BlockMask that skips the empty blocks (CUDA; on CPU torch has no flex backward, so there it serves "
+                "eval only); flash_attention_2 takes no 4-D mask (the concatenated layout); auto: flex_attention on "
+                "CUDA, sdpa otherwise", eval=True)
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "dtype of the saved model's weights; auto: the checkpoint's (the loaded model's, for a model passed "
                 "in memory). Mid-run checkpoints keep the training dtype, for an exact resume")

@@ -14,8 +14,8 @@ from fastdpo.errors import UserError
 from fastdpo.logps import LogpsModule, choose_layout
 from fastdpo.losses import REFERENCE_FREE
 from fastdpo.metrics import on_host, pooled_means
-from fastdpo.models import (Inputs, check_models, in_torch_dtype, is_lora, load_model, policy_tokenizer,
-                            reference_weights, weights_dtype)
+from fastdpo.models import (Inputs, attention_implementation, check_models, in_torch_dtype, is_lora, load_model,
+                            policy_tokenizer, reference_weights, set_attention, weights_dtype)
 from fastdpo.reference import Reference, build_reference
 from fastdpo.runtime import Processes, Runtime, start
 from fastdpo.step import score_batch
@@ -106,6 +106,9 @@ def run_eval(cfg: Config, inputs: Inputs | None = None) -> EvalResult:
     policy = policy.eval().to(runtime.device)
     body = policy.get_base_model() if is_lora(policy) else policy  # a peft model scores with its adapters on
     weights = reference_weights(cfg, policy, inputs, runtime.device)
+    attention = attention_implementation(cfg, runtime.device)
+    set_attention([body, weights.model], attention)
+    runtime.log(f"fastdpo: attention: {attention}")
     pad = tokenizer.pad_token_id
     layout = choose_layout(cfg, [body, weights.model] if weights.kind == "model" else [body], [pairs], pad,
                            runtime.device, runtime.log)

@@ -13,6 +13,7 @@ Two ways to get there, equal to float rounding:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Sequence
 
@@ -38,14 +39,44 @@ def sequence_logps(model, batch: Batch, head: str = "chunked", chunk_size: int =
 def forward_scored(model, batch: Batch, head: str) -> torch.Tensor:
     """The model's forward, kept at the scored positions: its logits `(M, V)` for the full head, else the body's
     last hidden states `(M, H)` for the chunked head."""
-    inputs = dict(input_ids=batch.input_ids, attention_mask=attention_mask_for(model, batch),
-                  position_ids=model_position_ids(batch), use_cache=False)
+    def run():
+        inputs = dict(input_ids=batch.input_ids, attention_mask=attention_mask_for(model, batch),
+                      position_ids=model_position_ids(batch), use_cache=False)
+        return model(**inputs).logits if head == "full" else backbone(model)(**inputs)
+
+    try:
+        out = run()
+    except Exception as e:
+        if not _flex_compile_failure(model, e):
+            raise
+        out = run()  # with SDPA, which `_flex_compile_failure` set
     if head == "full":
-        return model(**inputs).logits[batch.score_rows, batch.score_cols]  # (R, L, V) -> (M, V)
-    hidden = getattr(backbone(model)(**inputs), "last_hidden_state", None)
+        return out[batch.score_rows, batch.score_cols]  # (R, L, V) -> (M, V)
+    hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         raise NoChunkedHead("its body returns no last_hidden_state")
     return hidden[batch.score_rows, batch.score_cols]  # (M, H)
+
+
+def _flex_compile_failure(model, error: Exception) -> bool:
+    """Whether `error` is torch.compile failing to build FlexAttention's kernel for a batch's shape (torch's CPU
+    code generator fails for some shapes); if so the model computes attention with SDPA from now on, which gives
+    the same numbers, and one line says so."""
+    if getattr(model.config, "_attn_implementation", None) != "flex_attention" or \
+            not any(type(e).__module__.startswith("torch._inductor") or type(e).__name__ == "InductorError"
+                    for e in _causes(error)):
+        return False
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    print(f"fastdpo: FlexAttention's kernel could not be compiled here ({first}); computing attention with sdpa "
+          "from now on", file=sys.stderr)
+    model.set_attn_implementation("sdpa")
+    return True
+
+
+def _causes(error: BaseException):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def token_logps(model, scored: torch.Tensor, batch: Batch, head: str, chunk_size: int) -> torch.Tensor:
@@ -68,10 +99,13 @@ def sum_per_sequence(token_logps: torch.Tensor, batch: Batch) -> tuple[torch.Ten
 
 def attention_mask_for(model, batch: Batch) -> torch.Tensor:
     """The mask the model's attention takes: the concatenated layout's (R, L) padding mask, else the 4-D mask
-    built once for this forward on the batch's device, additive (0 / lowest) in the dtype the attention computes
-    in (the autocast dtype, else the weights'), which SDPA and eager attention use as it is in every layer."""
+    built once for this forward on the batch's device: FlexAttention's BlockMask, or for SDPA and eager attention
+    additive (0 / lowest) in the dtype the attention computes in (the autocast dtype, else the weights'), which
+    they use as it is in every layer."""
     if batch.segment_ids is None:
         return batch.padding_mask
+    if getattr(model.config, "_attn_implementation", "sdpa") == "flex_attention":
+        return batch.block_mask()
     device = batch.input_ids.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
         model.get_input_embeddings().weight.dtype

@@ -202,6 +202,32 @@ def weights_dtype(cfg, model, flag: str = "model") -> torch.dtype:
     return checkpoint_dtype(model, cfg.trust_remote_code, flag)
 
 
+def attention_implementation(cfg, device) -> str:
+    """--attn_implementation, with `auto` resolved for `device`: FlexAttention on CUDA (where it has a backward),
+    SDPA elsewhere."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401  (torch >= 2.5)
+    except ImportError:
+        return "sdpa"
+    return "flex_attention" if torch.device(device).type == "cuda" else "sdpa"
+
+
+def set_attention(models, implementation: str) -> None:
+    """Every model (a Hugging Face model, or None) computes attention with `implementation` from its next forward
+    on (transformers dispatches each layer's attention by the config's name)."""
+    for model in models:
+        if model is None or getattr(model.config, "_attn_implementation", None) == implementation:
+            continue
+        try:
+            model.set_attn_implementation(implementation)
+        except (ImportError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"--attn_implementation {implementation}: not available for this model here ({first})",
+                            exit_code=2) from None
+
+
 def in_torch_dtype(cfg, model):
     """A model passed in memory, cast to --torch_dtype (as it is with `auto`)."""
     return model if cfg.torch_dtype == "auto" else model.to(DTYPES[cfg.torch_dtype])

@@ -24,7 +24,8 @@ from fastdpo.evaluation import evaluate_pairs
 from fastdpo.logps import LogpsModule, choose_layout
 from fastdpo.metrics import LogWindow, MetricsFile, NoMetricsFile, ProgressBar, StepRecord, mean_metrics, on_host
 from fastdpo.outputs import Plan, atomic_write_text, claim, plan_output_dir, recorded, remove_ours, write_error
-from fastdpo.models import Inputs, check_models, is_lora, load_policy, policy_tokenizer, reference_weights, save_dtype
+from fastdpo.models import (Inputs, attention_implementation, check_models, is_lora, load_policy, policy_tokenizer,
+                            reference_weights, save_dtype, set_attention)
 from fastdpo.reference import Reference, build_reference, placed, sync_reference
 from fastdpo.runtime import Processes, Runtime, start
 from fastdpo.step import score_batch
@@ -177,6 +178,10 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     inputs = inputs or Inputs()
     require_inputs(cfg, inputs)
     runtime = start(cfg)
+    attention = attention_implementation(cfg, runtime.device)
+    if attention == "flex_attention" and runtime.device.type == "cpu":
+        raise UserError("--attn_implementation flex_attention: torch has no FlexAttention backward on CPU, so "
+                        "training here needs sdpa or eager (on CPU, fastdpo eval takes flex_attention)", exit_code=2)
     plan = plan_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume, latest_checkpoint)
     runtime.processes.barrier()  # every process has checked the output dir before the main one writes to it
     if plan.notice:
@@ -189,6 +194,8 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     saved_as = save_dtype(cfg, inputs)  # the checkpoint's, before --torch_dtype casts a model passed in memory
     policy, weights = load_models(cfg, inputs, runtime)
     body = policy.get_base_model() if is_lora(policy) else policy  # the Hugging Face model, LoRA layers injected
+    set_attention([body, weights.model], attention)
+    runtime.log(f"fastdpo: attention: {attention}")
     live = [weights.model] if weights.kind == "model" and cfg.reference != "precomputed" else []
     check = lambda: choose_layout(cfg, [body, *live], [pairs, *([eval_pairs] if eval_pairs else [])],  # noqa: E731
                                   tokenizer.pad_token_id, next(body.parameters()).device, runtime.log)
