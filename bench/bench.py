@@ -241,6 +241,26 @@ def train_flags(spec: dict) -> list[str]:
             str(spec["max_length"]), "--max_prompt_length", str(spec["max_prompt_length"])] + spec["fast_flags"]
 
 
+def child_fastdpo_eval(spec: dict) -> dict:
+    """Time `fastdpo eval` (the policy's and the reference's forward passes without gradients, as a precompute
+    runs them) from the call to its return, with the spec's attention implementation."""
+    import accelerate  # noqa: F401  imported before the clock starts
+
+    from fastdpo.cli import main as cli_main
+
+    argv = ["eval", "--model", spec["model"], "--ref_model", spec["model"], "--data", spec["data"], "--batch_size",
+            str(spec["batch"]), "--precision", spec["precision"], "--max_length", str(spec["max_length"]),
+            "--max_prompt_length", str(spec["max_prompt_length"]), "--attn_implementation", spec["attention"],
+            "--json"]
+    start = time.perf_counter()
+    try:
+        cli_main(argv)
+    except SystemExit as e:
+        if e.code:
+            raise
+    return {"wall_s": time.perf_counter() - start}
+
+
 def child_fastdpo(spec: dict) -> dict:
     """Time fastdpo's train() from the call to its return, minus the final model save (TRL saves nothing)."""
     import accelerate  # noqa: F401  imported before the clock starts, as TRL's child imports them with trl
@@ -283,7 +303,7 @@ def child_main(spec_path: str) -> None:
     """Entry point of a child process: run one spec, write its result (with peak memory) as JSON."""
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
-    result = (child_trl if spec["tool"] == "trl" else child_fastdpo)(spec)
+    result = {"trl": child_trl, "fastdpo": child_fastdpo, "fastdpo-eval": child_fastdpo_eval}[spec["tool"]](spec)
     result.update(peak_rss())
     with open(spec["result"], "w", encoding="utf-8") as f:
         json.dump(result, f)
