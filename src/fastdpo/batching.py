@@ -127,7 +127,7 @@ class Batch:
         return create_block_mask(allowed, R, None, L, L, device=seg.device)
 
     def to(self, device) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
+        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
         return Batch(move(self.input_ids), move(self.padding_mask), move(self.position_ids), move(self.segment_ids),
                      move(self.sides), move(self.score_rows), move(self.score_cols), move(self.score_labels),
                      move(self.score_seq), move(self.score_counts), self.indices, self.real_tokens)
