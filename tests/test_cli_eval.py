@@ -136,3 +136,22 @@ def test_flex_attention_training_on_cuda_equals_sdpa(models, tmp_path, capsys):
     from conftest import assert_same_weights
 
     assert_same_weights(tmp_path / "sdpa", tmp_path / "flex_attention", atol=1e-4)
+
+
+def test_auto_attention_takes_what_each_model_supports():
+    """auto on CUDA asks for flex; a model without FlexAttention (GPT-2) gets SDPA instead of an error, and the
+    start reports the one in effect; asked for explicitly, the same model is one line."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fastdpo.config import build_config
+    from fastdpo.errors import UserError
+    from fastdpo.models import attention_implementation, set_attention
+
+    cfg = build_config(["--model", "builtin:tiny", "--data", "builtin:example"])
+    assert attention_implementation(cfg, "cuda") == "flex_attention" and attention_implementation(cfg, "cpu") == "sdpa"
+    gpt2, llama = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40)), tiny_llama(40)
+    assert set_attention([gpt2], "flex_attention", asked=False) == "sdpa"
+    assert set_attention([llama, gpt2], "flex_attention", asked=False) == "flex_attention"
+    assert gpt2.config._attn_implementation == "sdpa"
+    with pytest.raises(UserError, match="--attn_implementation flex_attention: not available for this model"):
+        set_attention([gpt2], "flex_attention", asked=True)

@@ -114,8 +114,9 @@ class Batch:
         return torch.where(self.dense_mask(), zero, torch.finfo(dtype).min)
 
     def block_mask(self):
-        """`dense_mask` as FlexAttention's BlockMask: the same rule as a function of (row, query, key), evaluated
-        block by block on the device, so the (L, L) mask is never held and empty blocks are skipped."""
+        """`dense_mask` as FlexAttention's BlockMask, on the device: the same rule as a function of (row, query,
+        key), from which attention skips the empty blocks. (Building it evaluates the rule over the whole (L, L)
+        grid once per forward, a transient of about 10 bytes an entry; the layers then share the BlockMask.)"""
         from torch.nn.attention.flex_attention import create_block_mask
 
         seg, side = self.segment_ids, self.sides

@@ -52,7 +52,7 @@ class Config:
         "auto", "the models' attention; flex_attention takes the prefix-shared and packed layouts' mask as a "
                 "BlockMask that skips the empty blocks (CUDA; on CPU torch has no flex backward, so there it serves "
                 "eval only); flash_attention_2 takes no 4-D mask (the concatenated layout); auto: flex_attention on "
-                "CUDA, sdpa otherwise", eval=True)
+                "CUDA for models that support it, else sdpa", eval=True)
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "dtype of the saved model's weights; auto: the checkpoint's (the loaded model's, for a model passed "
                 "in memory). Mid-run checkpoints keep the training dtype, for an exact resume")

@@ -106,8 +106,8 @@ def run_eval(cfg: Config, inputs: Inputs | None = None) -> EvalResult:
     policy = policy.eval().to(runtime.device)
     body = policy.get_base_model() if is_lora(policy) else policy  # a peft model scores with its adapters on
     weights = reference_weights(cfg, policy, inputs, runtime.device)
-    attention = attention_implementation(cfg, runtime.device)
-    set_attention([body, weights.model], attention)
+    attention = set_attention([body, weights.model], attention_implementation(cfg, runtime.device),
+                              cfg.attn_implementation != "auto")
     runtime.log(f"fastdpo: attention: {attention}")
     pad = tokenizer.pad_token_id
     layout = choose_layout(cfg, [body, weights.model] if weights.kind == "model" else [body], [pairs], pad,

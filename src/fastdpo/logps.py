@@ -18,9 +18,11 @@ from dataclasses import replace
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
 from fastdpo.batching import Batch, Layout, collate_concatenated, model_position_ids
 from fastdpo.config import Config
+from fastdpo.errors import UserError
 from fastdpo.head import gather_logps, head_logps
 from fastdpo.tokenize import PairSet, TokenizedPair
 
@@ -61,12 +63,17 @@ def forward_scored(model, batch: Batch, head: str) -> torch.Tensor:
 def _flex_compile_failure(model, error: Exception) -> bool:
     """Whether `error` is torch.compile failing to build FlexAttention's kernel for a batch's shape (torch's CPU
     code generator fails for some shapes); if so the model computes attention with SDPA from now on, which gives
-    the same numbers, and one line says so."""
+    the same numbers, and one line says so (in one process; with several, one line stops the run, since the others
+    may be past collectives this process would repeat)."""
     if getattr(model.config, "_attn_implementation", None) != "flex_attention" or \
             not any(type(e).__module__.startswith("torch._inductor") or type(e).__name__ == "InductorError"
                     for e in _causes(error)):
         return False
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # another process may be past this layer's collectives (FSDP, ZeRO-3): no process reruns alone
+        raise UserError(f"--attn_implementation flex_attention: its kernel could not be compiled for a batch "
+                        f"({first}); use --attn_implementation sdpa") from None
     print(f"fastdpo: FlexAttention's kernel could not be compiled here ({first}); computing attention with sdpa "
           "from now on", file=sys.stderr)
     model.set_attn_implementation("sdpa")

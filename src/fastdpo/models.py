@@ -203,8 +203,8 @@ def weights_dtype(cfg, model, flag: str = "model") -> torch.dtype:
 
 
 def attention_implementation(cfg, device) -> str:
-    """--attn_implementation, with `auto` resolved for `device`: FlexAttention on CUDA (where it has a backward),
-    SDPA elsewhere."""
+    """--attn_implementation, with `auto` resolved for `device`: FlexAttention on CUDA (where it has a backward)
+    for models that support it (`set_attention`), SDPA elsewhere."""
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
     try:
@@ -214,18 +214,32 @@ def attention_implementation(cfg, device) -> str:
     return "flex_attention" if torch.device(device).type == "cuda" else "sdpa"
 
 
-def set_attention(models, implementation: str) -> None:
+def set_attention(models, implementation: str, asked: bool) -> str:
     """Every model (a Hugging Face model, or None) computes attention with `implementation` from its next forward
-    on (transformers dispatches each layer's attention by the config's name)."""
+    on (transformers dispatches each layer's attention by the config's name). Where it was not `asked` for (auto),
+    a model that does not support it gets SDPA, or keeps its own. Returns the policy's (the first model's)
+    implementation as it now is."""
     for model in models:
-        if model is None or getattr(model.config, "_attn_implementation", None) == implementation:
+        if model is None:
+            continue
+        wanted = implementation
+        if not asked:
+            supports = {"flex_attention": "_supports_flex_attn", "sdpa": "_supports_sdpa"}
+            for name in (implementation, "sdpa"):
+                if getattr(model, supports.get(name, ""), False):
+                    wanted = name
+                    break
+            else:
+                wanted = model.config._attn_implementation
+        if getattr(model.config, "_attn_implementation", None) == wanted:
             continue
         try:
-            model.set_attn_implementation(implementation)
+            model.set_attn_implementation(wanted)
         except (ImportError, ValueError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f"--attn_implementation {implementation}: not available for this model here ({first})",
+            raise UserError(f"--attn_implementation {wanted}: not available for this model here ({first})",
                             exit_code=2) from None
+    return next(m for m in models if m is not None).config._attn_implementation
 
 
 def in_torch_dtype(cfg, model):

@@ -76,7 +76,7 @@ class PolicyReference(ModelReference):
 
 class ToPrecompute(Reference):
     """A set's reference log-probs still to compute, once the model that computes them (`live`) is sharded: under
-    FSDP the other processes hold no weights before that. `placed` computes them."""
+    FSDP and ZeRO-3 the other processes hold no weights before that. `placed` computes them."""
 
     def __init__(self, live: ModelReference, compute):
         self.live, self.compute = live, compute  # compute(placed live) -> PrecomputedReference
@@ -125,8 +125,8 @@ def build_reference(cfg: Config, policy, policy_module: LogpsModule, weights: Re
     precomputed values, which belong to their set. `weights`: from `models.reference_weights`; `layout`: the run's.
 
     Call it before the policy is prepared (sharded): a precomputing model scores its shard of the pairs alone,
-    except where only the main process holds the weights (FSDP), where the values are computed by `placed` with
-    the sharded model. A live reference model is placed as the strategy holds it afterwards, by `placed`."""
+    except where only the main process holds the weights (FSDP, ZeRO-3), where the values are computed by `placed`
+    with the sharded model. A live reference model is placed as the strategy holds it afterwards, by `placed`."""
     if weights.kind == "none":
         live = NoReference()
     elif weights.kind == "adapters":
@@ -241,7 +241,7 @@ def precompute(reference: Reference, pairs: PairSet, name: str, layout: Layout, 
         positions = processes.shard(list(range(len(pairs))))
         # sharded weights take every process into every forward: each runs as many batches, a short share padded
         # with a pair whose values are dropped
-        pad = -(-len(pairs) // processes.world) - len(positions) if runtime.sharded and len(pairs) else 0
+        pad = -(-len(pairs) // processes.world) - len(positions) if runtime.weights_on_main and len(pairs) else 0
         shard = compute_reference_logps(reference, pairs, positions + [0] * pad, layout, pad_token_id, batch_size,
                                         runtime, progress=cfg.progress and processes.main)[:len(positions)]
         values = torch.stack(processes.unshard([list(s) for s in processes.gather(shard)]))  # (N, 2)

@@ -154,19 +154,18 @@ class Runtime:
         is listed). The weights keep their dtype, sharded, and are gathered whole for a layer's forward;
         `--precision bf16` computes under autocast as in one process, so the policy and its reference see the same
         numerics and the log-probs come out in float32 (a bf16 `MixedPrecisionPolicy` would round the summed
-        log-probs to bf16). A unit gathers its parameters in one dtype, so in a frozen reference that holds its
-        matmul weights in bf16 (`models.hold_matmul_weights_in`) each such layer is a unit of its own. `optimizer`,
-        built over the unsharded parameters, gets the sharded ones in their place (it has taken no step yet)."""
+        log-probs to bf16). A frozen reference that holds its matmul weights in bf16 (`models.hold_matmul_weights_in`)
+        is sharded as it is: FSDP2 gathers a frozen unit's parameters of several dtypes together. `optimizer`, built
+        over the unsharded parameters, gets the sharded ones in their place (it has taken no step yet)."""
         from torch.distributed.fsdp import fully_shard
 
         names = {id(p): name for name, p in module.named_parameters()}
         layers = set(self.options.get("layers") or module._no_split_modules or ())
         reshard = self.options["reshard_after_forward"]
         head = module.model.get_output_embeddings() if hasattr(module.model, "get_output_embeddings") else None
-        lower = _lower_dtype_modules(module)
-        own_head = head is not None and (type(head).__name__ in layers or head in lower)  # a unit of its own
+        own_head = head is not None and type(head).__name__ in layers  # the lm_head a unit of its own
         inputs = module.model.get_input_embeddings() if own_head else None
-        if own_head and head not in lower and inputs is not None and inputs.weight is head.weight:
+        if own_head and inputs is not None and inputs.weight is head.weight:
             raise UserError(f"fsdp_transformer_layer_cls_to_wrap: {type(head).__name__} would make the lm_head a unit "
                             "of its own, but its weight is tied to the input embeddings, which sit in another unit: "
                             "list the decoder layer classes only "
@@ -174,7 +173,7 @@ class Runtime:
         full = module.state_dict() if self.weights_on_main and self.main else None  # the weights the others get
         mesh = self.device_mesh()
         for sub in reversed(list(module.modules())):  # inner units first, should layer classes nest
-            if type(sub).__name__ in layers or sub in lower:
+            if type(sub).__name__ in layers:
                 fully_shard(sub, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
         if own_head:  # the chunked head reads the lm_head's weight: FSDP gathers it for this method as for forward
@@ -420,8 +419,8 @@ def start(cfg: Config) -> Runtime:
     # sharded model (`reference.placed`).
     on_main = (strategy == "fsdp" or options.get("zero_optimization", {}).get("stage") == 3) and world > 1
     # Under bf16 / fp16 autocast a frozen reference model holds its matmul weights in that dtype, which autocast
-    # casts them to at every forward anyway (`models.hold_matmul_weights_in`); under FSDP each of those layers is
-    # then a unit of its own. Not for TR-DPO, whose reference moves by small steps.
+    # casts them to at every forward anyway (`models.hold_matmul_weights_in`), sharded as it is under FSDP and
+    # ZeRO-3. Not for TR-DPO, whose reference moves by small steps.
     frozen = not cfg.ref_sync_steps
     reference_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if frozen else None
     return Runtime(accelerator, Processes.current(), strategy, options, on_main, reference_dtype)
@@ -589,17 +588,6 @@ def _replace_params(optimizer, names: dict, module) -> None:
     params = dict(module.named_parameters())
     for group in optimizer.param_groups:
         group["params"] = [params[names[id(p)]] for p in group["params"]]
-
-
-def _lower_dtype_modules(module) -> set:
-    """The modules of `module` whose own parameters are in another dtype than its input embeddings' (a frozen
-    reference's matmul layers held in bf16): FSDP2 must make each a unit of its own."""
-    embeddings = module.model.get_input_embeddings() if hasattr(module.model, "get_input_embeddings") else None
-    if embeddings is None:
-        return set()
-    main = embeddings.weight.dtype
-    return {sub for sub in module.modules()
-            if (own := list(sub.parameters(recurse=False))) and all(p.dtype != main for p in own)}
 
 
 def _accelerator(precision: str):

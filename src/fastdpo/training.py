@@ -4,6 +4,7 @@ the one explicit training loop."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import signal
@@ -194,17 +195,23 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     saved_as = save_dtype(cfg, inputs)  # the checkpoint's, before --torch_dtype casts a model passed in memory
     policy, weights = load_models(cfg, inputs, runtime)
     body = policy.get_base_model() if is_lora(policy) else policy  # the Hugging Face model, LoRA layers injected
-    set_attention([body, weights.model], attention)
-    runtime.log(f"fastdpo: attention: {attention}")
+    asked = cfg.attn_implementation != "auto"
+    # where only the main process holds the weights, in CPU memory, the layout check runs there with SDPA: a
+    # kernel compiled for the device is not compiled for the CPU copy (and there the check covers the layouts)
+    if not (runtime.weights_on_main and attention == "flex_attention"):
+        attention = set_attention([body, weights.model], attention, asked)
     live = [weights.model] if weights.kind == "model" and cfg.reference != "precomputed" else []
     check = lambda: choose_layout(cfg, [body, *live], [pairs, *([eval_pairs] if eval_pairs else [])],  # noqa: E731
                                   tokenizer.pad_token_id, next(body.parameters()).device, runtime.log)
     layout = runtime.on_main(check) if runtime.weights_on_main else check()  # where the weights are
+    attention = set_attention([body, weights.model], attention, asked)
+    runtime.log(f"fastdpo: attention: {attention}")
     runtime.log(f"fastdpo: layout: {layout.describe()}")
     module = LogpsModule(body, layout)
     sets = {"train": pairs, **({"eval": eval_pairs} if eval_pairs else {})}
     references = build_reference(cfg, policy, module, weights, layout, tokenizer.pad_token_id, sets, runtime)
-    del weights, live  # a model that only precomputed is freed here, before the optimizer exists
+    del weights, live  # a model that only precomputed is freed here (where the main process alone held the
+    # weights, once it has computed them sharded: `reference.placed`)
     if cfg.gradient_checkpointing == "true":
         body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     world = runtime.processes.world
@@ -216,6 +223,7 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, state.total_steps))
     runner, optimizer = runtime.prepare(module, optimizer)  # `policy` stays the model to save
     references = placed(references, runtime)  # a reference model is sharded like the policy, once it is prepared
+    gc.collect()  # a model sharded only to precompute is freed now (sharded modules hold reference cycles)
     run = Run(cfg, runtime, tokenizer, pairs, eval_pairs, policy, runner, layout, references["train"],
               references.get("eval"), optimizer, scheduler, state, plan,
               cfg.micro_batch_size or cfg.batch_size // world, saved_as)
@@ -225,8 +233,8 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
 
 
 def load_models(cfg: Config, inputs: Inputs, runtime: Runtime):
-    """The policy and the reference's weights, on the run's device. Under FSDP over several processes only the
-    main process reads the weights, and they stay where they were loaded until FSDP moves each process's shards to
+    """The policy and the reference's weights, on the run's device. Under FSDP and ZeRO-3 over several processes
+    only the main process reads the weights, and they stay where they were loaded until FSDP moves each process's shards to
     its device; the other processes hold the models' structure on the meta device (`Runtime.weights_on_main`)."""
     meta = runtime.weights_on_main and not runtime.main
     if runtime.weights_on_main:
