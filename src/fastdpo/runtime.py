@@ -273,8 +273,7 @@ class Runtime:
                         real[id(param)] = torch.nn.Parameter(torch.empty_like(param, device=self.device),
                                                              requires_grad=param.requires_grad)
                     param = sub._parameters[name] = real[id(param)]
-                if not is_zero_param(param):
-                    own.append(param)
+                own.append(param)
             if own and convert is None:
                 Init(module=torch.nn.ParameterList(own), config_dict_or_path=config, dtype=torch.float32)
                 convert = own[0].convert_to_zero_parameters
@@ -415,8 +414,8 @@ def start(cfg: Config) -> Runtime:
         share = cfg.batch_size // world
         options = deepspeed_options(cfg, int(wanted[-1]), min(cfg.micro_batch_size or share, share))
     # FSDP and ZeRO-3 over several processes: only the main process reads the weights; the others build the model
-    # on the meta device and receive their shards as it is sharded (`_fully_shard`, `_partition_from_main`). A precomputed reference is computed by the
-    # sharded model (`reference.placed`).
+    # on the meta device and receive their shards as it is sharded (`_fully_shard`, `_partition_from_main`). A
+    # precomputed reference is computed by the sharded model (`reference.placed`).
     on_main = (strategy == "fsdp" or options.get("zero_optimization", {}).get("stage") == 3) and world > 1
     # Under bf16 / fp16 autocast a frozen reference model holds its matmul weights in that dtype, which autocast
     # casts them to at every forward anyway (`models.hold_matmul_weights_in`), sharded as it is under FSDP and
