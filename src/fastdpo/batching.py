@@ -32,6 +32,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from fastdpo.attention import MIN_SEGMENT, Segment
 from fastdpo.tokenize import TokenizedPair
 
 
@@ -44,6 +45,7 @@ class Layout:
     head: Literal["chunked", "full"] = "chunked"  # response-only chunked lm_head, or the model's full logits
     chunk_size: int = 256  # response positions per lm_head chunk
     row_length: int = 0  # tokens per packed row (0: the longest segment of the batch)
+    segments: bool = True  # under SDPA, long segments attend one at a time (attention.py), not by a dense mask
 
     @property
     def concatenated(self) -> bool:
@@ -55,10 +57,15 @@ class Layout:
                 else "sequences") + (", packed" if self.pack else "")
         head = f"chunked lm_head ({self.chunk_size} positions a chunk)" if self.head == "chunked" else \
             "the model's full logits"
-        return f"{rows}; {head}"
+        attention = f"; attention per segment where segments average {MIN_SEGMENT}+ tokens" if self.per_segment else ""
+        return f"{rows}; {head}{attention}"
+
+    @property
+    def per_segment(self) -> bool:
+        return self.segments and not self.concatenated
 
     def without_mask(self) -> "Layout":
-        return replace(self, share_prompt=False, pack=False)
+        return replace(self, share_prompt=False, pack=False, segments=False)
 
     def collate(self, pairs: Sequence[TokenizedPair], pad_token_id: int) -> "Batch":
         if self.concatenated:
@@ -81,6 +88,7 @@ class Batch:
     score_counts: torch.Tensor  # (2B,) scored tokens per sequence, counted on the host
     indices: list[int]  # record index of each pair, (B,)
     real_tokens: int  # the (R, L) slots that are not padding, counted on the host
+    segments: tuple[tuple[Segment, ...], ...] | None = None  # per row, its segments (attention.py); host-side
 
     @property
     def num_pairs(self) -> int:
@@ -131,7 +139,7 @@ class Batch:
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731
         return Batch(move(self.input_ids), move(self.padding_mask), move(self.position_ids), move(self.segment_ids),
                      move(self.sides), move(self.score_rows), move(self.score_cols), move(self.score_labels),
-                     move(self.score_seq), move(self.score_counts), self.indices, self.real_tokens)
+                     move(self.score_seq), move(self.score_counts), self.indices, self.real_tokens, self.segments)
 
 
 def collate_concatenated(pairs: Sequence[TokenizedPair], pad_token_id: int) -> Batch:
@@ -161,7 +169,7 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_token_id: int, share_prom
     `max(row_length, longest segment)` tokens (else one segment per row).
     """
     B = len(pairs)
-    segments = []  # (ids, positions, sides, (cols, labels, seqs)) per segment
+    segments = []  # (ids, positions, sides, (cols, labels, seqs), (prompt, causal, rejected)) per segment
     for b, p in enumerate(pairs):
         if share_prompt:
             segments.append(_shared_segment(p, b, B))
@@ -179,10 +187,12 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_token_id: int, share_prom
     segment_ids = (-1 - torch.arange(width, dtype=torch.int32)).repeat(R, 1)  # (R, L)
     sides = torch.zeros((R, width), dtype=torch.int8)  # (R, L)
     score = ([], [], [], [])
+    plan = tuple([] for _ in rows)
     for r, row in enumerate(rows):
         offset = 0
         for k, i in enumerate(row):
-            ids, positions, seg_sides, (cols, labels, seqs) = segments[i]
+            ids, positions, seg_sides, (cols, labels, seqs), parts = segments[i]
+            plan[r].append(Segment(offset, *parts))
             n = len(ids)
             input_ids[r, offset : offset + n] = torch.tensor(ids, dtype=torch.long)
             position_ids[r, offset : offset + n] = torch.tensor(positions, dtype=torch.long)
@@ -192,7 +202,7 @@ def collate_packed(pairs: Sequence[TokenizedPair], pad_token_id: int, share_prom
             offset += n
     real = sum(len(s[0]) for s in segments)
     return Batch(input_ids, None, position_ids, segment_ids, sides, *_score_tensors(score, 2 * B),
-                 [p.index for p in pairs], real)
+                 [p.index for p in pairs], real, tuple(tuple(row) for row in plan))
 
 
 def bucket_width(width: int, row_length: int = 0) -> int:
@@ -213,7 +223,7 @@ def _plain_segment(prompt: list[int], response: list[int], seq: int):
     ids = prompt + response
     n = len(ids)
     cols = list(range(len(prompt) - 1, n - 1))
-    return ids, list(range(n)), [0] * n, (cols, response, [seq] * len(response))
+    return ids, list(range(n)), [0] * n, (cols, response, [seq] * len(response)), (n, n, 0)
 
 
 def _shared_segment(p: TokenizedPair, b: int, B: int):
@@ -227,7 +237,7 @@ def _shared_segment(p: TokenizedPair, b: int, B: int):
     cols = chosen_cols + rejected_cols
     labels = p.chosen_ids + p.rejected_ids
     seqs = [b] * c + [B + b] * r
-    return ids, positions, sides, (cols, labels, seqs)
+    return ids, positions, sides, (cols, labels, seqs), (n, n + c, r)
 
 
 def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:

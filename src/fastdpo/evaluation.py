@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastdpo.attention import set_per_segment
 from fastdpo.batching import Layout
 from fastdpo.config import Config
 from fastdpo.data import Fields
@@ -112,6 +113,8 @@ def run_eval(cfg: Config, inputs: Inputs | None = None) -> EvalResult:
     pad = tokenizer.pad_token_id
     layout = choose_layout(cfg, [body, weights.model] if weights.kind == "model" else [body], [pairs], pad,
                            runtime.device, runtime.log)
+    set_per_segment([body, weights.model], layout.per_segment)
+    runtime.log(f"fastdpo: layout: {layout.describe()}")
     module = LogpsModule(body, layout)
     reference = build_reference(cfg, policy, module, weights, layout, pad, {"eval": pairs}, runtime)["eval"]
     return evaluate_pairs(module, reference, pairs, cfg, layout, pad, cfg.batch_size, runtime,

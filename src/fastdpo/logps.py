@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from fastdpo import attention
 from fastdpo.batching import Batch, Layout, collate_concatenated, model_position_ids
 from fastdpo.config import Config
 from fastdpo.errors import UserError
@@ -38,12 +39,13 @@ def sequence_logps(model, batch: Batch, head: str = "chunked", chunk_size: int =
     return sum_per_sequence(token_logps(model, scored, batch, head, chunk_size), batch)
 
 
-def forward_scored(model, batch: Batch, head: str) -> torch.Tensor:
+def forward_scored(model, batch: Batch, head: str, per_segment: bool = False) -> torch.Tensor:
     """The model's forward, kept at the scored positions: its logits `(M, V)` for the full head, else the body's
-    last hidden states `(M, H)` for the chunked head."""
+    last hidden states `(M, H)` for the chunked head. `per_segment`: attend per segment whatever the width (the
+    start-up check's short rows)."""
     def run():
-        inputs = dict(input_ids=batch.input_ids, attention_mask=attention_mask_for(model, batch),
-                      position_ids=model_position_ids(batch), use_cache=False)
+        inputs = dict(input_ids=batch.input_ids, position_ids=model_position_ids(batch), use_cache=False,
+                      **attention_inputs(model, batch, per_segment))
         return model(**inputs).logits if head == "full" else backbone(model)(**inputs)
 
     try:
@@ -102,6 +104,18 @@ def sum_per_sequence(token_logps: torch.Tensor, batch: Batch) -> tuple[torch.Ten
     logps = torch.zeros(num_seqs, dtype=torch.float32, device=token_logps.device)
     logps = logps.index_add(0, batch.score_seq, token_logps)  # (2B,)
     return logps, batch.score_counts  # (2B,), (2B,)
+
+
+def attention_inputs(model, batch: Batch, per_segment: bool = False) -> dict:
+    """The attention keywords of the model's forward: the mask (`attention_mask_for`), or for a model set to
+    attend per segment and a batch wide enough for it (attention.py), the segments and a placeholder mask. The
+    placeholder cannot broadcast to any (L, L) scores: a model that does not hand the segments on to its attention
+    function fails instead of attending to the whole row."""
+    if getattr(model.config, "_attn_implementation", None) == attention.NAME and \
+            (attention.worth_it(batch.segments) or per_segment and batch.segments):
+        placeholder = torch.zeros((batch.input_ids.shape[0], 1, 0, 0), dtype=torch.bool, device=batch.input_ids.device)
+        return dict(attention_mask=placeholder, fastdpo_segments=batch.segments)
+    return dict(attention_mask=attention_mask_for(model, batch))
 
 
 def attention_mask_for(model, batch: Batch) -> torch.Tensor:
@@ -218,6 +232,12 @@ def check_layout(model, requested: Layout, sample: Sequence[TokenizedPair], pad_
         if reason:
             notice(f"fastdpo: {reason}; prefix sharing and packing are off, using the concatenated layout")
             layout = layout.without_mask()
+    if layout.per_segment:
+        reason = _segments_problem(model, layout, pairs, pad_token_id, device, plain)
+        if reason:
+            notice(f"fastdpo: {reason}; attention takes the dense mask in every row")
+        if reason is not None:
+            layout = replace(layout, segments=False)
     return layout
 
 
@@ -253,6 +273,27 @@ def _mask_problem(model, layout: Layout, pairs, pad_token_id: int, device, plain
     if not _close(logps, plain):
         return (f"with attention '{impl}' and a 4-D mask this model does not give the plain path's log-probs "
                 f"({_gap(logps, plain)} apart)")
+    return None
+
+
+def _segments_problem(model, layout: Layout, pairs, pad_token_id: int, device, plain: torch.Tensor) -> str | None:
+    """Why attention per segment (attention.py) does not give this model the plain path's log-probs, which were
+    computed with transformers' SDPA; "" where it does not apply (the model does not run SDPA), None where it
+    is exact. The model is left running transformers' SDPA."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return ""
+    batch = layout.collate(pairs, pad_token_id).to(device)
+    attention.set_per_segment([model], True)
+    try:
+        scored = forward_scored(model, batch, layout.head, per_segment=True)
+    except MASK_REFUSALS as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        return f"attention per segment cannot run on this model ({type(e).__name__}: {first})"
+    finally:
+        attention.set_per_segment([model], False)
+    logps, _ = sum_per_sequence(token_logps(model, scored, batch, layout.head, layout.chunk_size), batch)
+    if not _close(logps, plain):
+        return f"attention per segment does not give this model the plain path's log-probs ({_gap(logps, plain)} apart)"
     return None
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fastdpo.attention import set_per_segment
 from fastdpo.batching import Layout, batch_order
 from fastdpo.checkpoint import (TrainerState, clean_partial_checkpoints, latest_checkpoint, load_checkpoint,
                                 save_checkpoint, save_final, save_sharded_checkpoint)
@@ -205,6 +206,7 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
                                   tokenizer.pad_token_id, next(body.parameters()).device, runtime.log)
     layout = runtime.on_main(check) if runtime.weights_on_main else check()  # where the weights are
     attention = set_attention([body, weights.model], attention, asked)
+    set_per_segment([body, weights.model], layout.per_segment)
     runtime.log(f"fastdpo: attention: {attention}")
     runtime.log(f"fastdpo: layout: {layout.describe()}")
     module = LogpsModule(body, layout)

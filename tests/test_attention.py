@@ -1,0 +1,191 @@
+"""Attention per segment (attention.py): the same log-probs and gradients as SDPA with the dense mask, in every
+family and layout; used in wide rows only; checked at start-up against transformers' SDPA, and refused loudly by a
+model that does not hand it the segments."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from test_checks import family
+from test_logps import checked, saved_mask_storages
+
+from fastdpo import attention
+from fastdpo.batching import Layout, collate_packed
+from fastdpo.logps import sequence_logps
+from fastdpo.tokenize import TokenizedPair
+
+
+def random_pairs(n: int, vocab: int, lengths=(1, 9), seed: int = 0) -> list[TokenizedPair]:
+    """Pairs of random tokens (ids 3 and up), each part 1-9 tokens long: rows of several segments and padding."""
+    rng = random.Random(seed)
+    part = lambda: [rng.randrange(3, vocab) for _ in range(rng.randint(*lengths))]  # noqa: E731
+    return [TokenizedPair(part(), part(), part(), index=i) for i in range(n)]
+
+
+def run(model, batch, per_segment: bool, calls: list | None = None):
+    """Log-probs and gradients of a loss weighing each sequence differently, attending per segment or by the
+    dense mask; `calls` collects how many attention calls got the segments."""
+    attention.set_per_segment([model], per_segment)
+    model.zero_grad()
+    logps, _ = sequence_logps(model, batch, "chunked", chunk_size=7)
+    (logps * torch.arange(1.0, 1 + logps.numel())).sum().backward()
+    attention.set_per_segment([model], False)
+    return logps.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.fixture
+def every_width(monkeypatch):
+    """Segments of any length attend per segment."""
+    monkeypatch.setattr(attention, "MIN_SEGMENT", 1)
+
+
+@pytest.fixture
+def segment_calls(monkeypatch):
+    """The number of attention calls that attended per segment."""
+    calls = []
+    original = attention.segment_attention
+
+    def spy(*args, fastdpo_segments=None, **kwargs):
+        calls.append(fastdpo_segments is not None)
+        return original(*args, fastdpo_segments=fastdpo_segments, **kwargs)
+
+    monkeypatch.setattr(attention, "segment_attention", spy)
+    from transformers import AttentionInterface
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention.NAME, spy)
+    attention.register()
+    return calls
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2", "gemma", "mistral"])
+@pytest.mark.parametrize("share, pack", [(True, True), (False, True), (True, False)])
+def test_attention_per_segment_equals_the_dense_mask_in_value_and_gradient(name, share, pack, every_width,
+                                                                           segment_calls):
+    """Grouped-query heads (one K/V head for two), biased projections (Qwen2), Conv1D (GPT-2): per segment, the
+    log-probs and every gradient equal SDPA's over the dense mask."""
+    model = family(name, vocab=64).eval()  # GPT-2 has dropout
+    model.set_attn_implementation("sdpa")
+    batch = collate_packed(random_pairs(7, 64, seed=len(name)), 2, share_prompt=share, pack=pack, row_length=40)
+    dense = run(model, batch, per_segment=False)
+    assert not any(segment_calls)
+    segmented = run(model, batch, per_segment=True)
+    assert segment_calls and all(segment_calls[-model.config.num_hidden_layers:])
+    torch.testing.assert_close(segmented[0], dense[0], atol=1e-5, rtol=0)
+    for a, b in zip(segmented[1], dense[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_per_segment_under_bf16_autocast_and_gradient_checkpointing(every_width, segment_calls):
+    model = tiny_llama(40, layers=2)
+    model.set_attn_implementation("sdpa")
+    batch = collate_packed(random_pairs(5, 40), 2, share_prompt=True, pack=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = run(model, batch, per_segment=False)
+        segmented = run(model, batch, per_segment=True)
+    torch.testing.assert_close(segmented[0], dense[0], atol=2e-2, rtol=1e-2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    checkpointed = run(model, batch, per_segment=True)
+    model.eval()
+    plain = run(model, batch, per_segment=False)
+    torch.testing.assert_close(checkpointed[0], plain[0], atol=1e-5, rtol=0)
+    for a, b in zip(checkpointed[1], plain[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert segment_calls.count(True) == 2 + 2 * 2  # 2 layers: the autocast run, then forward and recompute
+
+
+def test_long_segments_attend_per_segment_and_keep_no_dense_mask():
+    """A batch whose segments average fewer than `MIN_SEGMENT` tokens takes the dense mask (one (R, 1, L, L)
+    tensor kept for backward); at or above it, none at all, and the same log-probs."""
+    model = tiny_llama(40)
+    model.set_attn_implementation("sdpa")
+    short = collate_packed(random_pairs(6, 40, lengths=(2, 30)), 2, row_length=256)
+    n = attention.MIN_SEGMENT
+    long = collate_packed(random_pairs(2, 40, lengths=(n // 3, n)) + random_pairs(2, 40, lengths=(20, 30)), 2)
+    assert not attention.worth_it(short.segments) and attention.worth_it(long.segments)
+    attention.set_per_segment([model], True)
+    assert saved_mask_storages(model, short)[0] == 1
+    assert saved_mask_storages(model, long)[0] == 0
+    with torch.no_grad():
+        segmented, _ = sequence_logps(model, long)
+        attention.set_per_segment([model], False)
+        dense, _ = sequence_logps(model, long)
+    torch.testing.assert_close(segmented, dense, atol=1e-5, rtol=1e-6)  # sums of hundreds of nats
+
+
+def test_the_start_up_check_keeps_per_segment_attention_where_it_is_exact():
+    model = tiny_llama(40)
+    model.set_attn_implementation("sdpa")
+    notices = []
+    layout = checked(model, random_pairs(4, 40), notice=notices.append)
+    assert layout.per_segment and not notices and "attention per segment" in layout.describe()
+    assert model.config._attn_implementation == "sdpa"  # the check leaves the model as it was
+    model.set_attn_implementation("eager")  # applies to SDPA only: off without a notice
+    assert not checked(model, random_pairs(4, 40), notice=notices.append).per_segment and not notices
+
+
+def test_a_model_that_does_not_hand_on_the_segments_refuses_them_loudly():
+    """A body that drops unknown keywords gets the placeholder mask, which cannot broadcast to the scores: the
+    check says so and the run keeps the dense mask; it never attends to the whole row."""
+    model = tiny_llama(40)
+    model.set_attn_implementation("sdpa")
+    original = model.model.forward
+    model.model.forward = lambda *args, fastdpo_segments=None, **kwargs: original(*args, **kwargs)
+    notices = []
+    layout = checked(model, random_pairs(4, 40), notice=notices.append)
+    assert kind_of(layout) == (True, True, False)
+    assert "attention per segment cannot run on this model (RuntimeError" in notices[0]
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_per_segment_attention_that_gives_other_numbers_is_turned_off(monkeypatch):
+    model = tiny_llama(40)
+    model.set_attn_implementation("sdpa")
+    original = attention.segment_attention
+
+    def shifted(*args, **kwargs):
+        out, weights = original(*args, **kwargs)
+        return out + 0.5 if kwargs.get("fastdpo_segments") else out, weights
+
+    from transformers import AttentionInterface
+    attention.register()
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention.NAME, shifted)
+    notices = []
+    layout = checked(model, random_pairs(4, 40), notice=notices.append)
+    assert not layout.per_segment and layout.share_prompt and "plain path's log-probs" in notices[0]
+
+
+def kind_of(layout: Layout) -> tuple:
+    return layout.share_prompt, layout.pack, layout.per_segment
+
+
+def test_eval_and_training_attend_per_segment_and_equal_the_dense_mask(tmp_path, capsys):
+    """Through the CLI, on pairs of about 200 tokens a part: `sdpa` attends per segment (the start says so) and
+    gives eager attention's per-pair numbers (the dense mask), and two training steps the same weights."""
+    from conftest import assert_same_weights, run_cli, write_jsonl
+    from fastdpo.models import load_tokenizer
+
+    tok = load_tokenizer("builtin:tiny")
+    model = tmp_path / "policy"
+    tiny_llama(len(tok), seed=1).save_pretrained(model)
+    tok.save_pretrained(model)
+    rows = [{"prompt": "Question: How do I cook rice?" * (20 + k), "chosen": " Sure, rinse it first." * (30 - k),
+             "rejected": " No. Do it yourself." * (25 + k)} for k in range(4)]
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    per_pair = {}
+    for impl in ("sdpa", "eager"):
+        out = tmp_path / f"{impl}.jsonl"
+        run_cli(["eval", "--model", str(model), "--ref_model", str(model), "--data", str(data), "--max_length",
+                 "1024", "--attn_implementation", impl, "--per_pair_out", str(out)], capsys)
+        assert ("attention per segment" in run_cli.last_stderr) == (impl == "sdpa")
+        per_pair[impl] = [json.loads(line) for line in out.read_text().splitlines()]
+        run_cli(["train", "--model", str(model), "--data", str(data), "--output_dir", str(tmp_path / impl),
+                 "--max_length", "1024", "--attn_implementation", impl, "--max_steps", "2", "--batch_size", "2",
+                 "--progress", "false"], capsys)
+        assert ("attention per segment" in run_cli.last_stderr) == (impl == "sdpa")
+    for a, b in zip(per_pair["sdpa"], per_pair["eager"]):
+        for key in ("policy_chosen_logps", "policy_rejected_logps", "loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-4), key
+    assert_same_weights(tmp_path / "sdpa", tmp_path / "eager", atol=1e-5)
