@@ -459,3 +459,29 @@ def test_flex_attention_with_the_layouts_block_mask_gives_the_sdpa_log_probs():
             model.set_attn_implementation("flex_attention")
             flex, _ = sequence_logps(model, batch)
         torch.testing.assert_close(flex, sdpa, atol=1e-4, rtol=1e-5, msg=f"share {share}, pack {pack}")
+
+
+def block_sets(mask, count: str, indices: str) -> list:
+    """A BlockMask's listed kv blocks, as a set per (row, query block)."""
+    n, idx = getattr(mask, count), getattr(mask, indices)
+    return [[set(idx[r, 0, q, : n[r, 0, q]].tolist()) for q in range(n.shape[2])] for r in range(n.shape[0])]
+
+
+@pytest.mark.parametrize("rows_per_pass", [128, 384, 1024])
+def test_the_block_mask_classifies_the_blocks_as_flex_attention_does_without_the_full_grid(rows_per_pass):
+    """Short and long pairs, packed several a row and one a row, widths that are not a multiple of 128: the
+    BlockMask built a few query blocks at a time lists the same partial and full blocks as torch's
+    create_block_mask over the whole (L, L) grid."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from test_attention import random_pairs
+
+    for n, lengths, row_length in ((6, (2, 30), 0), (8, (50, 200), 0), (40, (20, 100), 1024), (3, (300, 500), 0)):
+        batch = collate_packed(random_pairs(n, 40, lengths=lengths, seed=n), 2, row_length=row_length)
+        dense = batch.dense_mask()[:, 0]  # (R, L, L)
+        R, L = dense.shape[:2]
+        expected = create_block_mask(lambda b, h, q, k: dense[b, q, k], R, None, L, L, device="cpu")
+        built = batch.block_mask(rows_per_pass)
+        assert built.shape == expected.shape == (R, 1, L, L)
+        for count, indices in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+            assert block_sets(built, count, indices) == block_sets(expected, count, indices), (n, count)

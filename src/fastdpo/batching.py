@@ -35,6 +35,8 @@ import torch
 from fastdpo.attention import MIN_SEGMENT, Segment
 from fastdpo.tokenize import TokenizedPair
 
+FLEX_BLOCK = 128  # FlexAttention's block size, a side
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -121,19 +123,41 @@ class Batch:
         zero = torch.zeros((), dtype=dtype, device=self.input_ids.device)
         return torch.where(self.dense_mask(), zero, torch.finfo(dtype).min)
 
-    def block_mask(self):
-        """`dense_mask` as FlexAttention's BlockMask, on the device: the same rule as a function of (row, query,
-        key), from which attention skips the empty blocks. (Building it evaluates the rule over the whole (L, L)
-        grid once per forward, a transient of about 10 bytes an entry; the layers then share the BlockMask.)"""
-        from torch.nn.attention.flex_attention import create_block_mask
+    def block_mask(self, rows_per_pass: int = 1024):
+        """`dense_mask` as FlexAttention's BlockMask, on the device: which 128 x 128 blocks are empty, full or
+        partial, and the rule as a function of (row, query, key) for the partial ones; attention skips the empty
+        blocks. The blocks are classified `rows_per_pass` queries at a time, so the transient is
+        (R, rows_per_pass, L) booleans, never the (L, L) grid. The layers share the BlockMask."""
+        from torch.nn.attention.flex_attention import BlockMask
 
         seg, side = self.segment_ids, self.sides
+        R, L = seg.shape
+        n = -(-L // FLEX_BLOCK)  # blocks a side; the last one padded with slots nothing attends to or from
+        seg_padded = torch.nn.functional.pad(seg, (0, n * FLEX_BLOCK - L), value=torch.iinfo(seg.dtype).min)
+        side_padded = torch.nn.functional.pad(side, (0, n * FLEX_BLOCK - L))
+        cols = torch.arange(n * FLEX_BLOCK, device=seg.device)
+        step = max(1, rows_per_pass // FLEX_BLOCK) * FLEX_BLOCK
+        partial, full = [], []
+        for q0 in range(0, n * FLEX_BLOCK, step):
+            q = cols[q0 : q0 + step]
+            allowed = (q[None, :, None] >= cols) & (seg_padded[:, q0 : q0 + step, None] == seg_padded[:, None])
+            allowed &= ~((side_padded[:, q0 : q0 + step, None] == 2) & (side_padded[:, None] == 1))
+            allowed &= (q < L)[None, :, None]
+            blocks = allowed.view(R, -1, FLEX_BLOCK, n, FLEX_BLOCK)  # (R, q blocks, 128, kv blocks, 128)
+            some, every = blocks.any(4).any(2), blocks.all(4).all(2)  # (R, q blocks, kv blocks)
+            partial.append(some & ~every)
+            full.append(every)
 
-        def allowed(b, h, q, k):
+        def listed(blocks):  # (R, Q, KV) bool -> the count and the indices (listed ones first) per query block
+            count = blocks.sum(-1, dtype=torch.int32)[:, None]  # (R, 1, Q)
+            order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)[:, None]
+            return count, order  # (R, 1, Q, KV)
+
+        def rule(b, h, q, k):
             return (q >= k) & (seg[b, q] == seg[b, k]) & ~((side[b, q] == 2) & (side[b, k] == 1))
 
-        R, L = seg.shape
-        return create_block_mask(allowed, R, None, L, L, device=seg.device)
+        return BlockMask.from_kv_blocks(*listed(torch.cat(partial, 1)), *listed(torch.cat(full, 1)),
+                                        BLOCK_SIZE=FLEX_BLOCK, mask_mod=rule, seq_lengths=(L, L))
 
     def to(self, device) -> "Batch":
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731
