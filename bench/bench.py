@@ -246,8 +246,11 @@ def child_fastdpo_eval(spec: dict) -> dict:
     runs them) from the call to its return, with the spec's attention implementation."""
     import accelerate  # noqa: F401  imported before the clock starts
 
+    from fastdpo import attention
     from fastdpo.cli import main as cli_main
 
+    if spec.get("dense"):  # SDPA over the dense mask in every batch, not per segment
+        attention.MIN_SEGMENT = 1 << 62
     argv = ["eval", "--model", spec["model"], "--ref_model", spec["model"], "--data", spec["data"], "--batch_size",
             str(spec["batch"]), "--precision", spec["precision"], "--max_length", str(spec["max_length"]),
             "--max_prompt_length", str(spec["max_prompt_length"]), "--attn_implementation", spec["attention"],

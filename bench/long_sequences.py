@@ -10,7 +10,8 @@ defaults, TRL with its precomputed reference and no gradient checkpointing (benc
 its own process, its peak resident memory (VmHWM) its own. pairs/s is end to end (from the trainer's construction
 or `train()` to its return, the reference precompute included); steady is the median over optimizer steps after the
 first. Without gradients: `fastdpo eval` of the same pairs (the policy's and the reference's forward passes, as a
-reference precompute runs them) with `--attn_implementation sdpa` (the dense mask) and `flex_attention` (the
+reference precompute runs them) three ways: `--attn_implementation sdpa` over the dense mask (per-segment
+attention switched off in the child), `sdpa` per segment (fastdpo's default), and `flex_attention` (the
 BlockMask; its kernel compiled in the run, so the first shape pays its compile time).
 """
 
@@ -25,6 +26,10 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench as b  # noqa: E402  (bench/bench.py: the fixture, the children and their measures)
+
+
+# the passes without gradients: SDPA over the dense mask, SDPA per segment (fastdpo's default), FlexAttention
+EVAL_WAYS = {"dense": "sdpa", "per segment": "sdpa", "flex": "flex_attention"}
 
 
 def write_pairs(path: str, tokens: int, n: int, seed: int) -> None:
@@ -74,12 +79,13 @@ def main() -> None:
         data = os.path.join(args.workdir, f"eval-{tokens}.jsonl")
         write_pairs(data, tokens, 2, args.seed + 1)
         report["eval"][tokens] = {}
-        for attention in ("sdpa", "flex_attention"):
-            b.log(f"eval: {attention}, {tokens} tokens a pair")
+        for way, attention in EVAL_WAYS.items():
+            b.log(f"eval: {way}, {tokens} tokens a pair")
             spec = dict(model=model, data=data, batch=1, max_length=2 * tokens // 3 + 8,
-                        max_prompt_length=tokens // 3 + 4, tool="fastdpo-eval", precision="fp32", attention=attention)
+                        max_prompt_length=tokens // 3 + 4, tool="fastdpo-eval", precision="fp32", attention=attention,
+                        dense=way == "dense")
             r = b.run_child(spec, args.workdir, args.timeout)
-            report["eval"][tokens][attention] = r
+            report["eval"][tokens][way] = r
             b.log("  -> " + (r.get("error") or f"{r['wall_s']:.1f} s, peak {r['peak_rss_gib']:.2f} GiB"))
     print_report(report)
     if args.json:
@@ -106,12 +112,14 @@ def print_report(report: dict) -> None:
             if "error" in r:
                 print(f"          {tool} failed: {r['error'][:300]}")
     print("\nwithout gradients (fastdpo eval: policy and reference forwards), fp32: seconds and peak GiB")
-    print(f"  {'tokens':>7}{'sdpa s':>9}{'flex s':>9}{'speed-up':>10}{'sdpa GiB':>10}{'flex GiB':>10}")
+    print(f"  {'tokens':>7}" + "".join(f"{way + ' s':>15}" for way in EVAL_WAYS) + f"{'flex/dense':>12}"
+          f"{'segment/dense':>15}" + "".join(f"{way + ' GiB':>18}" for way in EVAL_WAYS))
     for tokens, runs in report["eval"].items():
-        s, x = runs.get("sdpa", {}), runs.get("flex_attention", {})
-        up = s["wall_s"] / x["wall_s"] if "wall_s" in s and "wall_s" in x else None
-        print(f"  {tokens:>7}{f(s.get('wall_s'), '.1f'):>9}{f(x.get('wall_s'), '.1f'):>9}{f(up, '.2f'):>10}"
-              f"{f(s.get('peak_rss_gib'), '.2f'):>10}{f(x.get('peak_rss_gib'), '.2f'):>10}")
+        wall = {way: runs.get(way, {}).get("wall_s") for way in EVAL_WAYS}
+        ups = [wall["dense"] / wall[way] if wall["dense"] and wall[way] else None for way in ("flex", "per segment")]
+        print(f"  {tokens:>7}" + "".join(f"{f(wall[way], '.1f'):>15}" for way in EVAL_WAYS) +
+              f"{f(ups[0], '.2f'):>12}{f(ups[1], '.2f'):>15}" +
+              "".join(f"{f(runs.get(way, {}).get('peak_rss_gib'), '.2f'):>18}" for way in EVAL_WAYS))
         for name, r in runs.items():
             if "error" in r:
                 print(f"          {name} failed: {r['error'][:300]}")
@@ -129,10 +137,10 @@ def plot(report: dict, path: str) -> None:
         rows = [report["train"][t][tool] for t in report["train"] if int(t) in xs]
         axes[0].plot(xs, [r["peak_rss_gib"] for r in rows], style, label=tool)
         axes[1].plot(xs, [r["pairs_per_s"] for r in rows], style, label=tool)
-    for attention, style in (("sdpa", "s--"), ("flex_attention", "o-")):
-        xs = [int(t) for t, runs in report["eval"].items() if "wall_s" in runs.get(attention, {})]
-        axes[2].plot(xs, [report["eval"][t][attention]["wall_s"] for t in report["eval"] if int(t) in xs], style,
-                     label=f"fastdpo, {attention}")
+    for way, style in zip(EVAL_WAYS, ("s--", "o-", "^:")):
+        xs = [int(t) for t, runs in report["eval"].items() if "wall_s" in runs.get(way, {})]
+        axes[2].plot(xs, [report["eval"][t][way]["wall_s"] for t in report["eval"] if int(t) in xs], style,
+                     label=f"fastdpo, {way}")
     titles = ("training: peak memory (GiB)", "training: pairs/s (end to end)", "no gradients: eval seconds (2 pairs)")
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)

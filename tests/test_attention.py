@@ -189,3 +189,104 @@ def test_eval_and_training_attend_per_segment_and_equal_the_dense_mask(tmp_path,
         for key in ("policy_chosen_logps", "policy_rejected_logps", "loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-4), key
     assert_same_weights(tmp_path / "sdpa", tmp_path / "eager", atol=1e-5)
+
+
+# --- flash-attention's varlen kernels: packing without prefix sharing, by segment lengths --------------------------
+
+def emulated_flash(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                   cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
+    """flash-attention's varlen contract, on the CPU: the (R, L) tokens flattened into one sequence, attention
+    causal within each piece `cu_seq_lens` cuts, and no mask."""
+    assert attention_mask is None and cu_seq_lens_q is cu_seq_lens_k and max_length_q == max_length_k
+    R, H, L, D = query.shape
+    key, value = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (key, value))
+    q, k, v = (t.transpose(1, 2).reshape(R * L, H, D).transpose(0, 1)[None] for t in (query, key, value))  # (1, H, RL, D)
+    bounds = cu_seq_lens_q.tolist()
+    assert bounds[0] == 0 and bounds[-1] == R * L and max_length_q == max(b - a for a, b in zip(bounds, bounds[1:]))
+    parts = [torch.nn.functional.scaled_dot_product_attention(q[..., a:b, :], k[..., a:b, :], v[..., a:b, :],
+                                                              is_causal=True, scale=scaling)
+             for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(parts, dim=2)[0].transpose(0, 1).reshape(R, L, H, D), None
+
+
+@pytest.fixture
+def flash_on_cpu(monkeypatch):
+    """A model set to "flash_emulated" attends through `emulated_flash` (transformers' flash mask rule: none)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flash_emulated", emulated_flash)
+    monkeypatch.setitem(AttentionMaskInterface._global_mapping, "flash_emulated",
+                        ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+    return "flash_emulated"
+
+
+def test_varlen_cuts_the_flattened_rows_at_every_segment_and_at_each_rows_padding():
+    """Rows of width 10: [4 | 5 | pad 1] and [7 | pad 3] -> cuts at 4, 9, 10, then 17, 20; the longest piece 7."""
+    from fastdpo.attention import Segment
+
+    segments = ((Segment(0, 4, 4, 0), Segment(4, 5, 5, 0)), (Segment(0, 7, 7, 0),))
+    got = attention.varlen(segments, 2, 10, "cpu")
+    assert got["cu_seq_lens_q"].tolist() == [0, 4, 9, 10, 17, 20] and got["cu_seq_lens_q"].dtype == torch.int32
+    assert got["max_length_q"] == got["max_length_k"] == 7
+
+
+def test_flash_attention_packs_by_segment_lengths_and_drops_prefix_sharing(flash_on_cpu):
+    """With a flash implementation the start-up check turns prefix sharing off (one line) and keeps packing, whose
+    rows go to the kernel as segment lengths without a mask: the plain path's log-probs and gradients."""
+    from fastdpo.batching import collate_concatenated
+
+    model = family("qwen2", vocab=64).eval()
+    model.set_attn_implementation("sdpa")
+    pairs = random_pairs(7, 64, seed=3)
+    plain = run(model, collate_concatenated(pairs, 2), per_segment=False)
+    model.config._attn_implementation = flash_on_cpu
+    notices = []
+    layout = checked(model, pairs, notice=notices.append)
+    assert (layout.share_prompt, layout.pack) == (False, True) and len(notices) == 1
+    assert "takes no 4-D mask, which prefix sharing needs; packing by segment lengths" in notices[0]
+    packed = run(model, collate_packed(pairs, 2, share_prompt=False, pack=True, row_length=40), per_segment=False)
+    torch.testing.assert_close(packed[0], plain[0], atol=1e-5, rtol=0)
+    for a, b in zip(packed[1], plain[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_attention_on_cuda_takes_flash_where_the_layout_needs_no_mask(monkeypatch):
+    import transformers.utils
+
+    from fastdpo.config import build_config
+    from fastdpo.models import attention_implementation
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    base = ["--model", "builtin:tiny", "--data", "builtin:example"]
+    assert attention_implementation(build_config(base + ["--prefix_sharing", "false"]), "cuda") == "flash_attention_2"
+    assert attention_implementation(build_config(base), "cuda") == "flex_attention"
+    assert attention_implementation(build_config(base + ["--prefix_sharing", "false"]), "cpu") == "sdpa"
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    assert attention_implementation(build_config(base + ["--prefix_sharing", "false"]), "cuda") == "flex_attention"
+
+
+def _flash_on_cuda() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    return torch.cuda.is_available() and is_flash_attn_2_available()
+
+
+@pytest.mark.skipif(not _flash_on_cuda(), reason="flash-attention's varlen kernels need CUDA and flash-attn; "
+                                                  "not yet run on a GPU")
+def test_flash_attention_training_on_cuda_equals_sdpa(tmp_path, capsys):
+    from conftest import assert_same_weights, run_cli, write_jsonl
+    from fastdpo.models import load_tokenizer
+
+    tok = load_tokenizer("builtin:tiny")
+    model = tmp_path / "policy"
+    tiny_llama(len(tok), seed=1).save_pretrained(model)
+    tok.save_pretrained(model)
+    rows = [{"prompt": "Question: How do I cook rice?" * (2 + k), "chosen": " Sure, rinse it first." * (3 + k),
+             "rejected": " No. Do it yourself." * (1 + k)} for k in range(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    for impl in ("sdpa", "flash_attention_2"):
+        run_cli(["train", "--model", str(model), "--data", str(data), "--output_dir", str(tmp_path / impl),
+                 "--attn_implementation", impl, "--prefix_sharing", "false", "--precision", "bf16", "--max_steps",
+                 "2", "--batch_size", "4", "--progress", "false"], capsys)
+    assert_same_weights(tmp_path / "sdpa", tmp_path / "flash_attention_2", atol=1e-2)
