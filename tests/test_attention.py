@@ -195,17 +195,25 @@ def test_eval_and_training_attend_per_segment_and_equal_the_dense_mask(tmp_path,
 
 def emulated_flash(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
                    cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
-    """flash-attention's varlen contract, on the CPU: the (R, L) tokens flattened into one sequence, attention
-    causal within each piece `cu_seq_lens` cuts, and no mask."""
-    assert attention_mask is None and cu_seq_lens_q is cu_seq_lens_k and max_length_q == max_length_k
+    """flash-attention's contract, on the CPU: with a 2-D padding mask, causal attention over each row's real
+    tokens (right padding); with varlen keywords, the (R, L) tokens flattened into one sequence and attention causal
+    within each piece `cu_seq_lens` cuts; never a 4-D mask."""
     R, H, L, D = query.shape
     key, value = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (key, value))
-    q, k, v = (t.transpose(1, 2).reshape(R * L, H, D).transpose(0, 1)[None] for t in (query, key, value))  # (1, H, RL, D)
+    attend = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, is_causal=True, scale=scaling)
+    if attention_mask is not None:
+        assert attention_mask.dim() == 2 and cu_seq_lens_q is None
+        out = torch.zeros_like(query)
+        for r, n in enumerate(attention_mask.sum(1).tolist()):
+            out[r, :, :n] = attend(query[r : r + 1, :, :n], key[r : r + 1, :, :n], value[r : r + 1, :, :n])[0]
+        return out.transpose(1, 2), None
+    assert cu_seq_lens_q is cu_seq_lens_k and max_length_q == max_length_k
+    # (R, H, L, D) -> (1, H, R L, D)
+    q, k, v = (t.transpose(1, 2).reshape(R * L, H, D).transpose(0, 1)[None] for t in (query, key, value))
     bounds = cu_seq_lens_q.tolist()
     assert bounds[0] == 0 and bounds[-1] == R * L and max_length_q == max(b - a for a, b in zip(bounds, bounds[1:]))
-    parts = [torch.nn.functional.scaled_dot_product_attention(q[..., a:b, :], k[..., a:b, :], v[..., a:b, :],
-                                                              is_causal=True, scale=scaling)
-             for a, b in zip(bounds, bounds[1:])]
+    parts = [attend(q[..., a:b, :], k[..., a:b, :], v[..., a:b, :]) for a, b in zip(bounds, bounds[1:])]
     return torch.cat(parts, dim=2)[0].transpose(0, 1).reshape(R, L, H, D), None
 
 

@@ -99,6 +99,26 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None  # (R, L, H, D)
 
 
+def varlen(segments: Sequence[Sequence[Segment]], rows: int, width: int, device) -> dict:
+    """flash-attention's varlen keywords for a packed batch without prefix sharing: its (rows, width) tokens as
+    one flattened sequence cut at every segment and at each row's padding (one piece, never scored), so each
+    segment attends causally to itself alone. Transformers' flash integration takes them as they are (no device
+    synchronisation to infer them from the position ids). Shapes: cumulative lengths (P + 1,) int32."""
+    bounds, longest = [0], 0
+    for r, row in enumerate(segments):
+        end = r * width
+        for s in row:
+            assert not s.rejected, "flash-attention's varlen kernels cannot share a prompt"
+            end += s.causal
+            bounds.append(end)
+            longest = max(longest, s.causal)
+        if end < (r + 1) * width:
+            bounds.append((r + 1) * width)
+            longest = max(longest, (r + 1) * width - end)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+
+
 def _lower_right(queries: int, keys: int, device) -> torch.Tensor:
     """(queries, keys) bool: query i sees keys up to keys - queries + i (the rejected tokens: every prompt key,
     then their own causally). A boolean of the rejected part's size only; SDPA computes in the query's dtype."""

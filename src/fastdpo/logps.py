@@ -107,11 +107,16 @@ def sum_per_sequence(token_logps: torch.Tensor, batch: Batch) -> tuple[torch.Ten
 
 
 def attention_inputs(model, batch: Batch, per_segment: bool = False) -> dict:
-    """The attention keywords of the model's forward: the mask (`attention_mask_for`), or for a model set to
-    attend per segment and a batch wide enough for it (attention.py), the segments and a placeholder mask. The
-    placeholder cannot broadcast to any (L, L) scores: a model that does not hand the segments on to its attention
-    function fails instead of attending to the whole row."""
-    if getattr(model.config, "_attn_implementation", None) == attention.NAME and \
+    """The attention keywords of the model's forward: the mask (`attention_mask_for`); for flash-attention, no
+    mask but the segments' lengths (`attention.varlen`); for a model set to attend per segment and a batch whose
+    segments are long enough (attention.py), the segments and a placeholder mask. The placeholder cannot
+    broadcast to any (L, L) scores: a model that does not hand the segments on to its attention function fails
+    instead of attending to the whole row."""
+    impl = getattr(model.config, "_attn_implementation", None) or ""
+    if batch.segments is not None and impl.startswith("flash"):  # packed without prefix sharing: by segment lengths
+        return dict(attention_mask=None, **attention.varlen(batch.segments, *batch.input_ids.shape,
+                                                            batch.input_ids.device))
+    if impl == attention.NAME and \
             (attention.worth_it(batch.segments) or per_segment and batch.segments):
         placeholder = torch.zeros((batch.input_ids.shape[0], 1, 0, 0), dtype=torch.bool, device=batch.input_ids.device)
         return dict(attention_mask=placeholder, fastdpo_segments=batch.segments)
@@ -227,6 +232,11 @@ def check_layout(model, requested: Layout, sample: Sequence[TokenizedPair], pad_
         if reason:
             notice(f"fastdpo: {reason}; scoring through its full logits")
             layout = replace(layout, head="full")
+    impl = getattr(model.config, "_attn_implementation", None) or ""
+    if layout.share_prompt and impl.startswith("flash"):
+        notice(f"fastdpo: attention '{impl}' takes no 4-D mask, which prefix sharing needs; " +
+               ("packing by segment lengths without it" if layout.pack else "using the concatenated layout"))
+        layout = replace(layout, share_prompt=False) if layout.pack else layout.without_mask()
     if not layout.concatenated:
         reason = _mask_problem(model, layout, pairs, pad_token_id, device, plain, (sequence, segment, row))
         if reason:
@@ -259,8 +269,6 @@ def _mask_problem(model, layout: Layout, pairs, pad_token_id: int, device, plain
     limit = length_limit(model.config, *lengths)
     if limit:
         return f"this model has {limit}"
-    if impl.startswith("flash"):
-        return f"attention '{impl}' cannot take a 4-D mask"
     batch = layout.collate(pairs, pad_token_id).to(device)
     try:
         scored = forward_scored(model, batch, layout.head)

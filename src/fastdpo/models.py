@@ -203,15 +203,22 @@ def weights_dtype(cfg, model, flag: str = "model") -> torch.dtype:
 
 
 def attention_implementation(cfg, device) -> str:
-    """--attn_implementation, with `auto` resolved for `device`: FlexAttention on CUDA (where it has a backward)
-    for models that support it (`set_attention`), SDPA elsewhere."""
+    """--attn_implementation, with `auto` resolved for `device`. On CUDA: flash-attention's varlen kernels where
+    the layout needs no 4-D mask (packing without prefix sharing) and flash-attn is installed, else FlexAttention
+    (which has a backward there); each for models that support it (`set_attention`). SDPA elsewhere."""
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
+    if torch.device(device).type != "cuda":
+        return "sdpa"
+    from transformers.utils import is_flash_attn_2_available
+
+    if cfg.packing and not cfg.prefix_sharing and is_flash_attn_2_available():
+        return "flash_attention_2"
     try:
-        import torch.nn.attention.flex_attention  # noqa: F401  (torch >= 2.5)
+        from torch.nn.attention import flex_attention  # noqa: F401  (torch >= 2.5)
     except ImportError:
         return "sdpa"
-    return "flex_attention" if torch.device(device).type == "cuda" else "sdpa"
+    return "flex_attention"
 
 
 def set_attention(models, implementation: str, asked: bool) -> str:
@@ -224,7 +231,8 @@ def set_attention(models, implementation: str, asked: bool) -> str:
             continue
         wanted = implementation
         if not asked:
-            supports = {"flex_attention": "_supports_flex_attn", "sdpa": "_supports_sdpa"}
+            supports = {"flex_attention": "_supports_flex_attn", "sdpa": "_supports_sdpa",
+                        "flash_attention_2": "_supports_flash_attn"}
             for name in (implementation, "sdpa"):
                 if getattr(model, supports.get(name, ""), False):
                     wanted = name
