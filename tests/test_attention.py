@@ -298,3 +298,45 @@ def test_flash_attention_training_on_cuda_equals_sdpa(tmp_path, capsys):
                  "--attn_implementation", impl, "--prefix_sharing", "false", "--precision", "bf16", "--max_steps",
                  "2", "--batch_size", "4", "--progress", "false"], capsys)
     assert_same_weights(tmp_path / "sdpa", tmp_path / "flash_attention_2", atol=1e-2)
+
+
+class InductorError(RuntimeError):
+    """Named as what torch.compile raises when it cannot build a kernel."""
+
+
+def test_a_flex_backward_that_cannot_compile_restarts_the_step_with_sdpa(tmp_path, capsys, monkeypatch):
+    """On CUDA torch.compile can fail to build FlexAttention's backward kernel for a shape, after some gradients
+    have accumulated. Simulated (CPU has no flex backward): the first step's gradients accumulate, then the model
+    is found set to flex_attention and an inductor error is raised. The step restarts from zero gradients with
+    SDPA, one line says so, and the run equals one that never failed."""
+    from conftest import assert_same_weights, run_cli, write_jsonl
+    from fastdpo import training
+    from fastdpo.models import load_tokenizer
+
+    tok = load_tokenizer("builtin:tiny")
+    model = tmp_path / "policy"
+    tiny_llama(len(tok), seed=1).save_pretrained(model)
+    tok.save_pretrained(model)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Question: How do I cook rice?" * (1 + k),
+                                               "chosen": " Sure, rinse it first." * (2 + k),
+                                               "rejected": " No. Do it yourself."} for k in range(8)])
+    args = lambda out: ["train", "--model", str(model), "--data", str(data), "--output_dir", str(out),  # noqa: E731
+                        "--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "2", "--progress", "false"]
+    run_cli(args(tmp_path / "plain"), capsys)
+    real, calls = training._accumulate, []
+
+    def failing_once(run, micro_batches):
+        shares = real(run, micro_batches)
+        calls.append(len(micro_batches))
+        if len(calls) == 1:  # gradients Adam would not ignore (it is blind to their scale) are left behind
+            for p in run.policy.parameters():
+                p.grad.add_(torch.randn_like(p.grad))
+            run.policy.config._attn_implementation = "flex_attention"
+            raise InductorError("backward kernel: no valid triton config")
+        return shares
+
+    monkeypatch.setattr(training, "_accumulate", failing_once)
+    run_cli(args(tmp_path / "restarted"), capsys)
+    assert calls == [2, 2, 2]  # step 1 twice, then step 2
+    assert "FlexAttention's kernel could not be compiled here (backward kernel" in run_cli.last_stderr
+    assert_same_weights(tmp_path / "plain", tmp_path / "restarted", atol=1e-6)

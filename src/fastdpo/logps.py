@@ -51,9 +51,9 @@ def forward_scored(model, batch: Batch, head: str, per_segment: bool = False) ->
     try:
         out = run()
     except Exception as e:
-        if not _flex_compile_failure(model, e):
+        if not flex_compile_failure(model, e):
             raise
-        out = run()  # with SDPA, which `_flex_compile_failure` set
+        out = run()  # with SDPA, which `flex_compile_failure` set
     if head == "full":
         return out[batch.score_rows, batch.score_cols]  # (R, L, V) -> (M, V)
     hidden = getattr(out, "last_hidden_state", None)
@@ -62,7 +62,7 @@ def forward_scored(model, batch: Batch, head: str, per_segment: bool = False) ->
     return hidden[batch.score_rows, batch.score_cols]  # (M, H)
 
 
-def _flex_compile_failure(model, error: Exception) -> bool:
+def flex_compile_failure(model, error: Exception) -> bool:
     """Whether `error` is torch.compile failing to build FlexAttention's kernel for a batch's shape (torch's CPU
     code generator fails for some shapes); if so the model computes attention with SDPA from now on, which gives
     the same numbers, and one line says so (in one process; with several, one line stops the run, since the others

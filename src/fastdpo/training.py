@@ -23,7 +23,7 @@ from fastdpo.config import Config
 from fastdpo.data import Fields
 from fastdpo.errors import UserError
 from fastdpo.evaluation import evaluate_pairs
-from fastdpo.logps import LogpsModule, choose_layout
+from fastdpo.logps import LogpsModule, choose_layout, flex_compile_failure
 from fastdpo.metrics import LogWindow, MetricsFile, NoMetricsFile, ProgressBar, StepRecord, mean_metrics, on_host
 from fastdpo.outputs import Plan, atomic_write_text, claim, plan_output_dir, recorded, remove_ours, write_error
 from fastdpo.models import (Inputs, attention_implementation, check_models, is_lora, load_policy, policy_tokenizer,
@@ -105,18 +105,7 @@ def fit(run: Run) -> TrainResult:
                 orders = {epoch: batch_order(len(pairs), cfg.batch_size, cfg.shuffle, cfg.seed, epoch, lengths)}
             positions = orders[epoch][index]
             micro_batches = rt.processes.micro_batches(positions, run.micro_batch_size)
-            shares = []
-            for k, (chunk, scale) in enumerate(micro_batches):
-                chunk_pairs = [pairs[i] for i in chunk]
-                batch = run.layout.collate(chunk_pairs, run.pad_token_id).to(rt.device)
-                last_micro = k == len(micro_batches) - 1
-                sync = rt.no_sync(run.module, last_micro)
-                with sync, rt.autocast():
-                    scored = score_batch(run.module, run.reference, batch, chunk, cfg)
-                    rt.backward(run.module, scored.losses.sum() * scale)
-                if scale:  # a zero-scale micro-batch only keeps the processes in step
-                    shares.append(ShareOfStep(scored.metrics, sum(p.num_tokens for p in chunk_pairs),
-                                              batch.padding_share))
+            shares = step_gradients(run, micro_batches)
             grad_norm = rt.clip_grad_norm(run.module, cfg.max_grad_norm)  # None: DeepSpeed clips in its step
             lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
             stats = gather_step(rt.processes, shares, stop.requested is not None)  # the one gather of a step
@@ -167,6 +156,33 @@ def fit(run: Run) -> TrainResult:
         trained = plain_model(trained, state_dict) if rt.main else None
     rt.accelerator.wait_for_everyone()
     return TrainResult(cfg.output_dir, state.total_steps, state.eval_before, eval_after, last, model=trained)
+
+
+def step_gradients(run: Run, micro_batches) -> list[ShareOfStep]:
+    """Forward, loss and backward of a step's micro-batches, the gradients accumulated; each one's share of the
+    step's metrics. Where torch.compile fails to build FlexAttention's backward kernel for a shape (one process),
+    the step starts again from zero gradients with SDPA (`flex_compile_failure`), which gives the same numbers."""
+    try:
+        return _accumulate(run, micro_batches)
+    except Exception as e:
+        if not flex_compile_failure(run.policy.get_base_model() if is_lora(run.policy) else run.policy, e):
+            raise
+    run.optimizer.zero_grad(set_to_none=True)
+    return _accumulate(run, micro_batches)
+
+
+def _accumulate(run: Run, micro_batches) -> list[ShareOfStep]:
+    rt, shares = run.runtime, []
+    for k, (chunk, scale) in enumerate(micro_batches):
+        chunk_pairs = [run.pairs[i] for i in chunk]
+        batch = run.layout.collate(chunk_pairs, run.pad_token_id).to(rt.device)
+        sync = rt.no_sync(run.module, last_micro_batch=k == len(micro_batches) - 1)
+        with sync, rt.autocast():
+            scored = score_batch(run.module, run.reference, batch, chunk, run.cfg)
+            rt.backward(run.module, scored.losses.sum() * scale)
+        if scale:  # a zero-scale micro-batch only keeps the processes in step
+            shares.append(ShareOfStep(scored.metrics, sum(p.num_tokens for p in chunk_pairs), batch.padding_share))
+    return shares
 
 
 # --- set-up ---------------------------------------------------------------------------------------------------
