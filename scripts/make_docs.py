@@ -9,14 +9,15 @@ import inspect
 import os
 import sys
 
-from fastdpo.cli import EvalOutputs
+from fastdpo.cli import EvalOutputs, GenerateOutputs
 from fastdpo.config import Config, Option, options
 from fastdpo.losses import LOSSES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = os.path.join(ROOT, "docs", "options.md")
 SECTIONS = {"model": "Models and the reference", "data": "Data", "loss": "Loss", "learning_rate": "Optimisation",
-            "output_dir": "Outputs", "lora_r": "LoRA and TR-DPO", "prefix_sharing": "Speed and memory"}
+            "output_dir": "Outputs", "lora_r": "LoRA and TR-DPO", "prefix_sharing": "Speed and memory",
+            "num_samples": "Sampling (fastdpo generate)"}
 
 HEAD = """# Options
 
@@ -28,7 +29,8 @@ of the YAML file given with `--config FILE`, and a keyword of `fastdpo.train(...
 file overrides the defaults. An unknown option, or a value of the wrong type or out of range, is an error that
 names the option and where it was written (exit code 2). The resolved config (with `auto` values filled in) is
 printed at the start of a run and saved as `OUTPUT_DIR/config.yaml`, which `--config` accepts as it is.
-`fastdpo eval` and `fastdpo.evaluate(...)` take the options marked *eval*.
+`fastdpo eval` and `fastdpo.evaluate(...)` take the options marked *eval*; `fastdpo generate` and
+`fastdpo.generate(...)` those marked *eval* but the loss's, and the sampling options.
 """
 
 
@@ -54,7 +56,7 @@ def option_rows(known: dict[str, Option], sections: dict[str, str] | None = None
         if sections and name in sections:
             lines += ["", f"### {sections[name]}", "", "| option | type | default | meaning | |", "|---|---|---|---|---|"]
         lines.append(f"| `--{name}` | {_kind(option)} | {_default(option)} | {_cell(option.help)} | "
-                     f"{'eval' if option.eval else ''} |")
+                     f"{'eval' if option.eval else 'generate' if option.generate else ''} |")
     return lines
 
 
@@ -73,6 +75,10 @@ def render() -> str:
     lines += ["", "## `fastdpo eval`", "", "The options marked *eval* above, and:", "",
               "| option | type | default | meaning |", "|---|---|---|---|"]
     lines += [f"| `--{n}` | {_kind(o)} | {_default(o)} | {_cell(o.help)} |" for n, o in options(EvalOutputs).items()]
+    lines += ["", "## `fastdpo generate`", "", "The options marked *eval* above but the loss's (`--loss`, "
+              "`--reference` and the loss parameters), the sampling options, and:", "",
+              "| option | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `--{n}` | {_kind(o)} | {_default(o)} | {_cell(o.help)} |" for n, o in options(GenerateOutputs).items()]
     lines += ["", "## Losses", "",
               "`--loss` picks a row of the loss table. Each loss reads `--beta` and the parameters of its row; "
               "giving a parameter the chosen loss does not read is an error. `--rpo_alpha` adds the chosen "

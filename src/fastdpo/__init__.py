@@ -1,11 +1,12 @@
 """fastdpo: Direct Preference Optimization for Hugging Face causal language models.
 
-`fastdpo.train(model=..., data=..., **options)` and `fastdpo.evaluate(...)` are the Python API (fastdpo/api.py).
+`fastdpo.train(model=..., data=..., **options)`, `fastdpo.evaluate(...)` and `fastdpo.generate(...)` are the
+Python API (fastdpo/api.py).
 Importing this package has no side effects and loads no torch; the API is imported on first use.
 """
 
 __version__ = "0.1.0"
-__all__ = ["train", "evaluate"]
+__all__ = ["train", "evaluate", "generate"]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""The Python API, for notebooks and scripts: `fastdpo.train(...)` and `fastdpo.evaluate(...)`.
+"""The Python API, for notebooks and scripts: `fastdpo.train(...)`, `fastdpo.evaluate(...)` and
+`fastdpo.generate(...)`.
 
     import fastdpo
     result = fastdpo.train(model="path/to/model", data="pairs.jsonl", eval_data="heldout.jsonl",
@@ -41,6 +42,20 @@ def evaluate(model, data, ref_model=None, *, tokenizer=None, **options_):
     cfg, inputs = _config("fastdpo.evaluate", known, dict(model=model, data=data, ref_model=ref_model), tokenizer,
                           options_)
     return run_eval(cfg, inputs)
+
+
+def generate(model, data, ref_model=None, *, tokenizer=None, **options_):
+    """Sample from `model` for each prompt of `data` (prompt records or preference data; as `fastdpo
+    generate`). Returns a `GenerateResult`: `.rows` (one per sample: its text, token count, whether it ended with
+    EOS, log-probs under the policy and, with `ref_model`, the reference, their difference `kl` and the implicit
+    reward) and `.summary` (means, the EOS rate, the KL's standard error)."""
+    from fastdpo.config import generate_keys
+    from fastdpo.generation import run_generate
+
+    known = {k: options(Config)[k] for k in generate_keys()}
+    cfg, inputs = _config("fastdpo.generate", known, dict(model=model, data=data, ref_model=ref_model), tokenizer,
+                          options_)
+    return run_generate(cfg, inputs)
 
 
 def _config(caller: str, known: dict, sources: dict, tokenizer, keywords: dict) -> tuple[Config, Inputs]:

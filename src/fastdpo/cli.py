@@ -14,8 +14,9 @@ from fastdpo.errors import UserError
 USAGE = """usage: fastdpo <command> [options]
 
 commands:
-  train   fine-tune a policy with DPO (no options: the built-in quickstart)
-  eval    score a policy against a reference on preference data
+  train     fine-tune a policy with DPO (no options: the built-in quickstart)
+  eval      score a policy against a reference on preference data
+  generate  sample responses to prompts, each with its log-probs, KL from the reference and implicit reward
 
 `fastdpo <command> --help` lists the command's options."""
 
@@ -30,6 +31,14 @@ class EvalOutputs:
     json: bool = opt(False, "print the metrics as one JSON object (the last line of stdout)")
     per_pair_out: Optional[str] = opt(None, "FILE.jsonl: one line per pair with its log-probs, rewards, loss and "
                                            "token counts")
+
+
+@dataclass
+class GenerateOutputs:
+    """`fastdpo generate`'s own options (flags only)."""
+
+    out: Optional[str] = opt(None, "FILE.jsonl: one line per sample (else the lines go to stdout)")
+    json: bool = opt(False, "print the summary as one JSON object (the last line of stdout)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,12 +77,14 @@ def _dispatch(argv: list[str]) -> int:
         return train_command(rest)
     if command == "eval":
         return eval_command(rest)
+    if command == "generate":
+        return generate_command(rest)
     if command in ("--version", "version"):
         from fastdpo import __version__
 
         print(f"fastdpo {__version__}")
         return 0
-    raise UserError(f"unknown command {command!r}; commands: train, eval", exit_code=2)
+    raise UserError(f"unknown command {command!r}; commands: train, eval, generate", exit_code=2)
 
 
 def is_quickstart(argv: list[str]) -> bool:
@@ -133,6 +144,31 @@ def eval_command(argv: list[str]) -> int:
 
         atomic_write_text(outputs.per_pair_out, "".join(json.dumps(r) + "\n" for r in result.rows))
     print(json.dumps(result.metrics) if outputs.json else format_table(result.metrics))
+    return 0
+
+
+def generate_command(argv: list[str]) -> int:
+    from fastdpo.config import Config, generate_keys, options, option_help, parse_command
+
+    if "-h" in argv or "--help" in argv:
+        known = {k: options(Config)[k] for k in generate_keys()}
+        print("usage: fastdpo generate --model DIR [--ref_model DIR] --data PROMPTS [--out FILE.jsonl] [options]\n\n"
+              "options:\n" + option_help({**known, **options(GenerateOutputs)}))
+        return 0
+    cfg, outputs = parse_command(argv, generate_keys(), GenerateOutputs)
+    from fastdpo.generation import print_summary, run_generate
+
+    result = run_generate(cfg)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows)
+    if outputs.out:
+        from fastdpo.outputs import atomic_write_text
+
+        atomic_write_text(outputs.out, lines)
+    elif not outputs.json:
+        sys.stdout.write(lines)
+    print_summary(result.summary)
+    if outputs.json:
+        print(json.dumps(result.summary))
     return 0
 
 

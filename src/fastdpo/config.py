@@ -23,9 +23,10 @@ from fastdpo.errors import UserError
 from fastdpo.losses import LOSSES, PARAMETERS, REFERENCE_FREE, users_of
 
 
-def opt(default, help: str, eval: bool = False):
-    """An option field: its default, its one-line help, and whether `fastdpo eval` takes it too."""
-    return field(default=default, metadata={"help": help, "eval": eval})
+def opt(default, help: str, eval: bool = False, generate: bool = False):
+    """An option field: its default, its one-line help, whether `fastdpo eval` takes it too, and whether it is a
+    sampling option (`fastdpo generate`'s own, beside the eval keys)."""
+    return field(default=default, metadata={"help": help, "eval": eval, "generate": generate})
 
 
 @dataclass
@@ -49,10 +50,11 @@ class Config:
         "auto", "dtype of the policy's and reference's weights as loaded and trained; auto: the checkpoint's (its "
                 "config's dtype, float32 where it names none). A copy reference shares the policy's", eval=True)
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = opt(
-        "auto", "the models' attention; flex_attention takes the prefix-shared and packed layouts' mask as a "
-                "BlockMask that skips the empty blocks (CUDA; on CPU torch has no flex backward, so there it serves "
-                "eval only); flash_attention_2 takes no 4-D mask (the concatenated layout); auto: flex_attention on "
-                "CUDA for models that support it, else sdpa", eval=True)
+        "auto", "the models' attention; sdpa attends one segment at a time where segments average 128+ tokens; "
+                "flex_attention takes the layouts' mask as a BlockMask that skips the empty blocks (CUDA; on CPU "
+                "torch has no flex backward, so there it serves eval only); flash_attention_2 takes no 4-D mask: "
+                "packing without prefix sharing, by segment lengths; auto: on CUDA flash_attention_2 with "
+                "--prefix_sharing false where flash-attn is installed, else flex_attention, else sdpa", eval=True)
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "dtype of the saved model's weights; auto: the checkpoint's (the loaded model's, for a model passed "
                 "in memory). Mid-run checkpoints keep the training dtype, for an exact resume")
@@ -147,6 +149,17 @@ class Config:
         "auto", "recompute activations in backward: less memory, more time (true or a bare "
                 "--gradient_checkpointing, false; auto: on with LoRA, off for full fine-tuning)")
 
+    # --- generation: fastdpo generate, and samples during training -------------------------------------------------
+    num_samples: int = opt(1, "samples per prompt", generate=True)
+    temperature: float = opt(1.0, "sampling temperature: 1 samples from the policy itself (what the per-sample KL "
+                                  "estimate assumes); 0: greedy", generate=True)
+    top_p: float = opt(1.0, "nucleus sampling: sample from the likeliest tokens holding this much probability "
+                            "(1: off)", generate=True)
+    top_k: int = opt(0, "sample from the k likeliest tokens (0: off; transformers' generate defaults to 50)",
+                     generate=True)
+    max_new_tokens: int = opt(128, "tokens a sample holds at most; a sample cut there ends without EOS",
+                              generate=True)
+
     def __post_init__(self):
         self.validate()
 
@@ -218,6 +231,14 @@ class Config:
                     "learning_rate", "weight_decay", "max_grad_norm"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.num_samples < 1 or self.max_new_tokens < 1:
+            key = "num_samples" if self.num_samples < 1 else "max_new_tokens"
+            raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.temperature < 0 or self.top_k < 0:
+            key = "temperature" if self.temperature < 0 else "top_k"
+            raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.max_steps == 0 and not self.epochs > 0:
             raise ConfigError("epochs", f"must be > 0 when max_steps is 0, got {self.epochs}")
         if self.max_prompt_length >= self.max_length:
@@ -278,6 +299,7 @@ class Option:
     help: str
     choices: tuple[str, ...] = ()  # the allowed values of a Literal field
     eval: bool = False  # `fastdpo eval` takes it too
+    generate: bool = False  # a sampling option (`fastdpo generate`)
 
     @property
     def switch(self) -> bool:
@@ -295,7 +317,8 @@ def options(cls=Config) -> dict[str, Option]:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         choices = tuple(args) if typing.get_origin(hint) is Literal else ()
         typ = str if choices else (args[0] if args and typing.get_origin(hint) is typing.Union else hint)
-        out[f.name] = Option(f.name, typ, f.default, f.metadata["help"], choices, f.metadata.get("eval", False))
+        out[f.name] = Option(f.name, typ, f.default, f.metadata["help"], choices, f.metadata.get("eval", False),
+                             f.metadata.get("generate", False))
     return out
 
 
@@ -501,6 +524,13 @@ def build_config(argv: list[str], allowed: typing.Iterable[str] | None = None,
 def eval_keys() -> list[str]:
     """The config keys `fastdpo eval` takes: those marked for eval, the loss parameters among them."""
     return [name for name, option in options(Config).items() if option.eval]
+
+
+def generate_keys() -> list[str]:
+    """The config keys `fastdpo generate` takes: the eval keys but the loss's, and the sampling options."""
+    loss = {"loss", "reference", *PARAMETERS, "rpo_alpha", "label_smoothing"}
+    return [name for name, option in options(Config).items()
+            if option.generate or (option.eval and name not in loss)]
 
 
 def option_help(known: dict[str, Option]) -> str:

@@ -133,6 +133,31 @@ def load_records(
     return result
 
 
+def load_prompts(source, split: str = "train", fields: Fields | None = None, name: str = "data"
+                 ) -> list[tuple[str, str | Messages]]:
+    """Each distinct prompt of `source` once, in order of first appearance, with where it was first seen: records
+    that hold only a prompt (text or messages), or preference records (their prompt, stated or the responses'
+    shared beginning). A bad record is a one-line error."""
+    fields = fields or Fields()
+    raws = _iter_raw(resolve_data(source, name), split, name) if isinstance(source, str) else \
+        _iter_memory(source, split, name)
+    prompts: dict[str, tuple[str, str | Messages]] = {}
+    for where, raw in raws:
+        try:
+            if isinstance(raw, BadRecord):
+                raise raw
+            if isinstance(raw, dict) and fields.prompt in raw and fields.chosen not in raw:
+                prompt = _response(raw, fields.prompt, fields)  # a prompt alone: text or messages, not empty
+            else:
+                prompt = parse_record(raw, fields, where).prompt
+        except BadRecord as e:
+            raise UserError(f"{where}: {e}") from None
+        prompts.setdefault(json.dumps(prompt, sort_keys=True), (where, prompt))
+    if not prompts:
+        raise UserError(f"{describe(source, name)}: no prompts found")
+    return list(prompts.values())
+
+
 def _iter_memory(source, split: str, name: str) -> Iterator[tuple[str, Any]]:
     """Yield (where, raw record) for a list of dicts, a datasets.Dataset or a datasets.DatasetDict."""
     datasets = sys.modules.get("datasets")  # an object of its types exists only once the user imported it

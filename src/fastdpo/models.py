@@ -190,7 +190,7 @@ def checkpoint_dtype(model, trust_remote_code: bool = False, flag: str = "model"
     if not isinstance(model, str):
         return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     config = model_config(model, trust_remote_code, flag)
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    value = getattr(config, "dtype", None)  # transformers reads an older config's torch_dtype into it
     value = getattr(torch, value, None) if isinstance(value, str) else value
     return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
 

@@ -404,6 +404,28 @@ def _split_responses(tokenizer, special: bool, prompt: tuple, fulls: list[tuple]
     return prompt_ids, responses[0], responses[1], min(mismatches, 1)
 
 
+def encode_prompt(prompt: str | list, tokenizer, where: str, max_prompt_length: int) -> tuple[list[int], bool]:
+    """A prompt's ids as training tokenizes it (`encode_record`): text with the tokenizer's special tokens,
+    messages through the chat template with the generation prompt. Longer than `max_prompt_length`, it keeps its
+    end (and its BOS), as in training. Returns (ids, whether it was cut)."""
+    if isinstance(prompt, str):
+        ids = _dedupe_bos(tokenizer(prompt, add_special_tokens=True)["input_ids"], tokenizer.bos_token_id)
+    else:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"{where}: conversational prompts need a tokenizer with a chat template; this "
+                            "tokenizer has none (set one in tokenizer_config.json or use text prompts)")
+        try:
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja raises its own errors for templates that reject a conversation
+            raise UserError(f"{where}: the chat template rejected this conversation ({e})") from None
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_prompt_length:
+        return ids, False
+    bos = tokenizer.bos_token_id
+    head = ids[:1] if bos is not None and ids[0] == bos else []
+    return head + ids[len(ids) - (max_prompt_length - len(head)):], True
+
+
 def _render_chat(record: Record, tokenizer) -> tuple[str, list[str]]:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"{record.where}: conversational records need a tokenizer with a chat template; this "
