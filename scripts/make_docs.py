@@ -9,7 +9,7 @@ import inspect
 import os
 import sys
 
-from fastdpo.cli import EvalOutputs, GenerateOutputs
+from fastdpo.cli import EvalOutputs, GenerateOutputs, ScoreOutputs
 from fastdpo.config import Config, Option, options
 from fastdpo.losses import LOSSES
 
@@ -79,6 +79,9 @@ def render() -> str:
               "`--reference` and the loss parameters), the sampling options, and:", "",
               "| option | type | default | meaning |", "|---|---|---|---|"]
     lines += [f"| `--{n}` | {_kind(o)} | {_default(o)} | {_cell(o.help)} |" for n, o in options(GenerateOutputs).items()]
+    lines += ["", "## `fastdpo score` and `fastdpo rank`", "", "The options marked *eval* above but the loss's, "
+              "and:", "", "| option | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `--{n}` | {_kind(o)} | {_default(o)} | {_cell(o.help)} |" for n, o in options(ScoreOutputs).items()]
     lines += ["", "## Losses", "",
               "`--loss` picks a row of the loss table. Each loss reads `--beta` and the parameters of its row; "
               "giving a parameter the chosen loss does not read is an error. `--rpo_alpha` adds the chosen "

@@ -1,12 +1,12 @@
 """fastdpo: Direct Preference Optimization for Hugging Face causal language models.
 
-`fastdpo.train(model=..., data=..., **options)`, `fastdpo.evaluate(...)` and `fastdpo.generate(...)` are the
-Python API (fastdpo/api.py).
+`fastdpo.train(model=..., data=..., **options)`, `fastdpo.evaluate(...)`, `fastdpo.generate(...)`,
+`fastdpo.score(...)` and `fastdpo.rank(...)` are the Python API (fastdpo/api.py).
 Importing this package has no side effects and loads no torch; the API is imported on first use.
 """
 
 __version__ = "0.1.0"
-__all__ = ["train", "evaluate", "generate"]
+__all__ = ["train", "evaluate", "generate", "score", "rank"]
 
 
 def __getattr__(name: str):

@@ -1,5 +1,5 @@
-"""The Python API, for notebooks and scripts: `fastdpo.train(...)`, `fastdpo.evaluate(...)` and
-`fastdpo.generate(...)`.
+"""The Python API, for notebooks and scripts: `fastdpo.train(...)`, `fastdpo.evaluate(...)`,
+`fastdpo.generate(...)`, `fastdpo.score(...)` and `fastdpo.rank(...)`.
 
     import fastdpo
     result = fastdpo.train(model="path/to/model", data="pairs.jsonl", eval_data="heldout.jsonl",
@@ -56,6 +56,29 @@ def generate(model, data, ref_model=None, *, tokenizer=None, **options_):
     cfg, inputs = _config("fastdpo.generate", known, dict(model=model, data=data, ref_model=ref_model), tokenizer,
                           options_)
     return run_generate(cfg, inputs)
+
+
+def score(model, data, ref_model, *, tokenizer=None, response_field="response", candidates_field="candidates",
+          subset_field=None, length_normalize=False, **options_):
+    """The implicit reward β (log π − log π_ref) of every response of `data` (as `fastdpo score`): preference
+    pairs, a prompt with one response (`response_field`), or a prompt with candidates (`candidates_field`).
+    Returns a `ScoreResult`: `.rows` (one per record) and `.summary` (reward accuracy and mean margin of the
+    pairs, per `subset_field` value too)."""
+    from fastdpo.config import score_keys
+    from fastdpo.scoring import ScoreFields, run_score
+
+    known = {k: options(Config)[k] for k in score_keys()}
+    cfg, inputs = _config("fastdpo.score", known, dict(model=model, data=data, ref_model=ref_model), tokenizer,
+                          options_)
+    return run_score(cfg, ScoreFields(response_field, candidates_field, subset_field), inputs, length_normalize)
+
+
+def rank(model, data, ref_model, **keywords):
+    """Each record's candidates reordered by implicit reward, best first (as `fastdpo rank`; the keywords of
+    `score`): a list of rows with the candidates, their rewards and `order`, their positions in the record."""
+    from fastdpo.scoring import ranked
+
+    return ranked(score(model, data, ref_model, **keywords))
 
 
 def _config(caller: str, known: dict, sources: dict, tokenizer, keywords: dict) -> tuple[Config, Inputs]:

@@ -17,6 +17,8 @@ commands:
   train     fine-tune a policy with DPO (no options: the built-in quickstart)
   eval      score a policy against a reference on preference data
   generate  sample responses to prompts, each with its log-probs, KL from the reference and implicit reward
+  score     the implicit reward β log π/π_ref of responses, pairs (accuracy per subset) or candidates
+  rank      each prompt's candidates reordered by implicit reward, best first
 
 `fastdpo <command> --help` lists the command's options."""
 
@@ -39,6 +41,20 @@ class GenerateOutputs:
 
     out: Optional[str] = opt(None, "FILE.jsonl: one line per sample (else the lines go to stdout)")
     json: bool = opt(False, "print the summary as one JSON object (the last line of stdout)")
+
+
+@dataclass
+class ScoreOutputs:
+    """`fastdpo score`'s and `rank`'s own options (flags only)."""
+
+    out: Optional[str] = opt(None, "FILE.jsonl: one line per record (else the lines go to stdout)")
+    json: bool = opt(False, "print the summary as one JSON object (the last line of stdout)")
+    response_field: str = opt("response", "field of a record's one response (beside its prompt)")
+    candidates_field: str = opt("candidates", "field of a record's list of candidate responses (beside its prompt)")
+    subset_field: Optional[str] = opt(None, "field whose values split the pairs' accuracy table (RewardBench's "
+                                            "'subset')")
+    length_normalize: bool = opt(False, "divide each reward by its response's tokens (β times the mean per-token "
+                                        "log-ratio)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,12 +95,15 @@ def _dispatch(argv: list[str]) -> int:
         return eval_command(rest)
     if command == "generate":
         return generate_command(rest)
+    if command in ("score", "rank"):
+        return score_command(command, rest)
     if command in ("--version", "version"):
         from fastdpo import __version__
 
         print(f"fastdpo {__version__}")
         return 0
-    raise UserError(f"unknown command {command!r}; commands: train, eval, generate", exit_code=2)
+    raise UserError(f"unknown command {command!r}; commands: train, eval, generate, score, rank",
+                    exit_code=2)
 
 
 def is_quickstart(argv: list[str]) -> bool:
@@ -167,6 +186,36 @@ def generate_command(argv: list[str]) -> int:
     elif not outputs.json:
         sys.stdout.write(lines)
     print_summary(result.summary)
+    if outputs.json:
+        print(json.dumps(result.summary))
+    return 0
+
+
+def score_command(command: str, argv: list[str]) -> int:
+    from fastdpo.config import Config, options, option_help, parse_command, score_keys
+
+    if "-h" in argv or "--help" in argv:
+        known = {k: options(Config)[k] for k in score_keys()}
+        print(f"usage: fastdpo {command} --model DIR --ref_model DIR --data PATH [--out FILE.jsonl] [options]\n\n"
+              "options:\n" + option_help({**known, **options(ScoreOutputs)}))
+        return 0
+    cfg, outputs = parse_command(argv, score_keys(), ScoreOutputs)
+    from fastdpo.scoring import ScoreFields, format_summary, ranked, run_score
+
+    result = run_score(cfg, ScoreFields(outputs.response_field, outputs.candidates_field, outputs.subset_field),
+                       length_normalize=outputs.length_normalize)
+    rows = ranked(result) if command == "rank" else result.rows
+    if command == "rank" and not rows:
+        raise UserError(f"--data: rank needs records with a list of candidates (field "
+                        f"{outputs.candidates_field!r}; name another with --candidates_field)", exit_code=2)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if outputs.out:
+        from fastdpo.outputs import atomic_write_text
+
+        atomic_write_text(outputs.out, lines)
+    elif not outputs.json:
+        sys.stdout.write(lines)
+    print(format_summary(result.summary), file=sys.stderr)
     if outputs.json:
         print(json.dumps(result.summary))
     return 0

@@ -526,11 +526,15 @@ def eval_keys() -> list[str]:
     return [name for name, option in options(Config).items() if option.eval]
 
 
-def generate_keys() -> list[str]:
-    """The config keys `fastdpo generate` takes: the eval keys but the loss's, and the sampling options."""
+def score_keys() -> list[str]:
+    """The config keys `fastdpo score` and `rank` take: the eval keys but the loss's."""
     loss = {"loss", "reference", *PARAMETERS, "rpo_alpha", "label_smoothing"}
-    return [name for name, option in options(Config).items()
-            if option.generate or (option.eval and name not in loss)]
+    return [name for name, option in options(Config).items() if option.eval and name not in loss]
+
+
+def generate_keys() -> list[str]:
+    """The config keys `fastdpo generate` takes: `score_keys` and the sampling options."""
+    return [name for name, option in options(Config).items() if option.generate or name in score_keys()]
 
 
 def option_help(known: dict[str, Option]) -> str:

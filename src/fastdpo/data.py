@@ -133,14 +133,24 @@ def load_records(
     return result
 
 
+def iter_raw(source, split: str = "train", name: str = "data") -> Iterator[tuple[str, Any]]:
+    """(where, raw object or BadRecord) for each record of `source` (a path or name, or an object in memory)."""
+    return _iter_raw(resolve_data(source, name), split, name) if isinstance(source, str) else \
+        _iter_memory(source, split, name)
+
+
+def field_value(raw: dict, name: str, fields: Fields) -> str | Messages:
+    """Field `name` of a record: text that is not blank, or a list of messages (else BadRecord)."""
+    return _response(raw, name, fields)
+
+
 def load_prompts(source, split: str = "train", fields: Fields | None = None, name: str = "data"
                  ) -> list[tuple[str, str | Messages]]:
     """Each distinct prompt of `source` once, in order of first appearance, with where it was first seen: records
     that hold only a prompt (text or messages), or preference records (their prompt, stated or the responses'
     shared beginning). A bad record is a one-line error."""
     fields = fields or Fields()
-    raws = _iter_raw(resolve_data(source, name), split, name) if isinstance(source, str) else \
-        _iter_memory(source, split, name)
+    raws = iter_raw(source, split, name)
     prompts: dict[str, tuple[str, str | Messages]] = {}
     for where, raw in raws:
         try:

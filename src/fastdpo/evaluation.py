@@ -12,7 +12,7 @@ from fastdpo.batching import Layout
 from fastdpo.config import Config
 from fastdpo.data import Fields
 from fastdpo.errors import UserError
-from fastdpo.logps import LogpsModule, choose_layout
+from fastdpo.logps import LogpsModule, choose_layout, split_pairs
 from fastdpo.losses import REFERENCE_FREE
 from fastdpo.metrics import on_host, pooled_means
 from fastdpo.models import (Inputs, attention_implementation, check_models, in_torch_dtype, is_lora, load_model,
@@ -63,6 +63,24 @@ def evaluate_pairs(policy, reference: Reference, pairs: PairSet, cfg: Config, la
     if share.world > 1:
         metrics = pooled_means(share.gather(metrics))
     return EvalResult(metrics, rows)
+
+
+@torch.no_grad()
+def pair_logps(models: dict, layout: Layout, pairs: list, pad_token_id: int, batch_size: int,
+               runtime: Runtime) -> dict[str, list[tuple[float, float]]]:
+    """Each pair's (chosen, rejected) summed log-probs under each model (name -> LogpsModule), `batch_size`
+    pairs a forward in the run's layout: what `generate`, `score` and `rank` read."""
+    out = {}
+    for name, module in models.items():
+        per_pair = []
+        for start_at in range(0, len(pairs), batch_size):
+            batch = layout.collate(pairs[start_at : start_at + batch_size], pad_token_id).to(runtime.device)
+            with runtime.autocast():
+                logps, _ = module(batch)  # (2B,)
+            chosen, rejected = split_pairs(logps.float().cpu())
+            per_pair += list(zip(chosen.tolist(), rejected.tolist()))
+        out[name] = per_pair
+    return out
 
 
 def per_pair_rows(indices: list[int], m: dict[str, torch.Tensor], ref_chosen: torch.Tensor,

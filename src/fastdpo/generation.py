@@ -22,9 +22,10 @@ from fastdpo.attention import set_per_segment
 from fastdpo.config import Config
 from fastdpo.data import Fields, load_prompts
 from fastdpo.errors import UserError
-from fastdpo.logps import LogpsModule, choose_layout, split_pairs
-from fastdpo.models import (Inputs, attention_implementation, check_models, in_torch_dtype, load_model,
-                            policy_tokenizer, set_attention, weights_dtype)
+from fastdpo.evaluation import pair_logps
+from fastdpo.logps import LogpsModule, choose_layout
+from fastdpo.models import (Inputs, attention_implementation, check_models, policy_and_reference, policy_tokenizer,
+                            set_attention)
 from fastdpo.runtime import Runtime, start
 from fastdpo.tokenize import TokenizedPair, encode_prompt
 
@@ -81,9 +82,8 @@ def sample(model, prompts: list[list[int]], cfg: Config, pad_token_id: int, stop
     return samples
 
 
-@torch.no_grad()
 def samples_logps(models: dict, layout, items: list[tuple[list[int], list[int]]], pad_token_id: int,
-                   batch_size: int, runtime: Runtime) -> dict[str, list[float]]:
+                  batch_size: int, runtime: Runtime) -> dict[str, list[float]]:
     """The summed log-prob of each (prompt ids, response ids) under each model (name -> LogpsModule), through
     the run's layout. Responses to the same prompt in a row are scored two at a time as a pair (prefix sharing
     computes their prompt once); one left over is paired with itself."""
@@ -97,17 +97,8 @@ def samples_logps(models: dict, layout, items: list[tuple[list[int], list[int]]]
         if second is not None:
             slots.append((len(pairs) - 1, 1))
         i += 2 if second is not None else 1
-    out = {}
-    for name, module in models.items():
-        per_pair = []
-        for start_at in range(0, len(pairs), batch_size):
-            batch = layout.collate(pairs[start_at : start_at + batch_size], pad_token_id).to(runtime.device)
-            with runtime.autocast():
-                logps, _ = module(batch)  # (2B,)
-            chosen, rejected = split_pairs(logps.float().cpu())
-            per_pair += list(zip(chosen.tolist(), rejected.tolist()))
-        out[name] = [per_pair[p][side] for p, side in slots]
-    return out
+    scored = pair_logps(models, layout, pairs, pad_token_id, batch_size, runtime)
+    return {name: [per_pair[p][side] for p, side in slots] for name, per_pair in scored.items()}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -148,7 +139,7 @@ def run_generate(cfg: Config, inputs: Inputs | None = None, log=None) -> Generat
     cut = sum(c for _, c in encoded)
     log(f"fastdpo: {len(found)} prompts" + (f", {cut} cut to their last --max_prompt_length "
                                               f"{cfg.max_prompt_length} tokens" if cut else ""))
-    policy, reference = _models(cfg, inputs, runtime.device)
+    policy, reference = policy_and_reference(cfg, inputs, runtime.device)
     attention = set_attention([policy, reference], attention_implementation(cfg, runtime.device),
                               cfg.attn_implementation != "auto")
     log(f"fastdpo: attention: {attention}")
@@ -185,19 +176,6 @@ def score_samples(cfg: Config, samples: list[Sample], prompts: list, policy, ref
             row.update(reference_logps=logps["reference"][i], kl=kl, reward=cfg.beta * kl)
         rows.append(row)
     return GenerateResult(summarize(rows), rows)
-
-
-def _models(cfg: Config, inputs: Inputs, device):
-    """The policy and, with --ref_model, the reference, in eval mode on the device."""
-    def load(obj, name, flag):
-        if obj is not None:
-            return in_torch_dtype(cfg, obj)
-        return load_model(name, cfg.seed, cfg.trust_remote_code, flag=flag, dtype=weights_dtype(cfg, name, flag))
-
-    policy = load(inputs.model, cfg.model, "model").eval().to(device)
-    has_reference = inputs.ref_model is not None or cfg.ref_model
-    reference = load(inputs.ref_model, cfg.ref_model, "ref_model").eval().to(device) if has_reference else None
-    return policy, reference
 
 
 def print_summary(summary: dict, file=None) -> None:

@@ -250,6 +250,20 @@ def set_attention(models, implementation: str, asked: bool) -> str:
     return next(m for m in models if m is not None).config._attn_implementation
 
 
+def policy_and_reference(cfg, inputs: Inputs, device):
+    """For scoring and sampling: the policy and, with --ref_model, the reference (else None), in eval mode on the
+    device; a model passed in memory is used as it is (cast to --torch_dtype)."""
+    def load(obj, name, flag):
+        if obj is not None:
+            return in_torch_dtype(cfg, obj)
+        return load_model(name, cfg.seed, cfg.trust_remote_code, flag=flag, dtype=weights_dtype(cfg, name, flag))
+
+    policy = load(inputs.model, cfg.model, "model").eval().to(device)
+    has_reference = inputs.ref_model is not None or cfg.ref_model
+    reference = load(inputs.ref_model, cfg.ref_model, "ref_model").eval().to(device) if has_reference else None
+    return policy, reference
+
+
 def in_torch_dtype(cfg, model):
     """A model passed in memory, cast to --torch_dtype (as it is with `auto`)."""
     return model if cfg.torch_dtype == "auto" else model.to(DTYPES[cfg.torch_dtype])

@@ -464,6 +464,19 @@ def _common_prefix(a: str, b: str) -> int:
 
 def truncate_pair(prompt, chosen, rejected, max_length, max_prompt_length, stats: TokenizeStats, bos_id=None):
     """Apply the truncation rules; return (prompt, chosen, rejected) or None when the pair is dropped."""
+    cut = truncate_responses(prompt, [chosen, rejected], max_length, max_prompt_length, stats, bos_id)
+    if cut is None:
+        return None
+    prompt, (chosen, rejected) = cut
+    if chosen == rejected:
+        stats.dropped_identical += 1  # only differed after the cut
+        return None
+    return prompt, chosen, rejected
+
+
+def truncate_responses(prompt, responses: list, max_length, max_prompt_length, stats: TokenizeStats, bos_id=None):
+    """The prompt keeps its end (and its BOS) within `max_prompt_length`; each response is cut to the room left
+    within `max_length` (counted as chosen, then rejected). Returns (prompt, responses), or None without room."""
     if len(prompt) > max_prompt_length:
         stats.truncated_prompts += 1
         keep_bos = prompt[:1] if max_prompt_length > 1 and bos_id is not None and prompt[0] == bos_id else []
@@ -472,13 +485,7 @@ def truncate_pair(prompt, chosen, rejected, max_length, max_prompt_length, stats
     if room <= 0:
         stats.dropped_no_room += 1
         return None
-    if len(chosen) > room:
-        stats.truncated_chosen += 1
-        chosen = chosen[:room]
-    if len(rejected) > room:
-        stats.truncated_rejected += 1
-        rejected = rejected[:room]
-    if chosen == rejected:
-        stats.dropped_identical += 1  # only differed after the cut
-        return None
-    return prompt, chosen, rejected
+    for k, name in enumerate(("truncated_chosen", "truncated_rejected")[: len(responses)]):
+        if len(responses[k]) > room:
+            setattr(stats, name, getattr(stats, name) + 1)
+    return prompt, [r[:room] for r in responses]
