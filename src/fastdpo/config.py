@@ -23,6 +23,9 @@ from fastdpo.errors import UserError
 from fastdpo.losses import LOSSES, PARAMETERS, REFERENCE_FREE, users_of
 
 
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
+
+
 def opt(default, help: str, eval: bool = False, generate: bool = False):
     """An option field: its default, its one-line help, whether `fastdpo eval` takes it too, and whether it is a
     sampling option (`fastdpo generate`'s own, beside the eval keys)."""
@@ -120,7 +123,10 @@ class Config:
     save_total_limit: int = opt(2, "keep at most this many checkpoints (0: keep all)")
     eval_steps: int = opt(0, "evaluate on eval_data every N steps (0: only before and after training)")
     logging_steps: int = opt(10, "write a metrics.jsonl line every N optimizer steps")
-    progress: bool = opt(True, "show a progress bar on stderr")
+    progress: bool = opt(True, "show a progress bar on stderr where it is a terminal (else, and with false, a log line "
+                               "every logging_steps)")
+    report_to: str = opt("none", "trackers that get the metrics too: none, or a comma list of tensorboard (in "
+                                 "OUTPUT_DIR/tensorboard), wandb (WANDB_MODE=offline works offline), mlflow")
     max_bad_steps: int = opt(10, "stop after this many steps in a row with a non-finite loss or gradients (each "
                                  "is skipped and counted in skipped_steps)")
     # --- LoRA and the reference ------------------------------------------------------------------------------
@@ -237,6 +243,11 @@ class Config:
         if self.temperature < 0 or self.top_k < 0:
             key = "temperature" if self.temperature < 0 else "top_k"
             raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        trackers = [t.strip() for t in self.report_to.split(",")]
+        unknown = [t for t in trackers if t not in TRACKERS]
+        if unknown or ("none" in trackers and len(trackers) > 1):
+            raise ConfigError("report_to", f"{self.report_to!r}: none, or a comma list of "
+                                           f"{', '.join(t for t in TRACKERS if t != 'none')}")
         if not 0 < self.top_p <= 1:
             raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.max_steps == 0 and not self.epochs > 0:
@@ -384,7 +395,7 @@ TRL_NAMES = {
     "gradient_accumulation_steps": "batch_size", "warmup_ratio": "warmup_steps", "eval_strategy": "eval_steps",
     "evaluation_strategy": "eval_steps", "save_strategy": "save_steps", "logging_strategy": "logging_steps",
     "disable_tqdm": "progress", "dataset_num_proc": None, "dataloader_num_workers": None, "optim": None,
-    "report_to": None, "disable_dropout": None, "dtype": "torch_dtype",
+    "disable_dropout": None, "dtype": "torch_dtype",
 }
 TRL_HOW = {  # how to say it in fastdpo where a plain rename is not all
     "precompute_ref_log_probs": "--reference precomputed", "bf16": "--precision bf16", "fp16": "--precision fp16",
@@ -397,7 +408,6 @@ TRL_HOW = {  # how to say it in fastdpo where a plain rename is not all
     "disable_tqdm": "--progress false", "dataset_num_proc": "nothing: data preparation uses every core itself",
     "dataloader_num_workers": "nothing: data preparation uses every core itself",
     "optim": "nothing: fastdpo trains with AdamW (--adam_beta1, --adam_beta2, --adam_epsilon, --weight_decay)",
-    "report_to": "nothing yet: fastdpo writes OUTPUT_DIR/metrics.jsonl",
     "disable_dropout": "nothing: fastdpo always disables dropout in the policy and the reference",
 }
 LOSS_NAMES = {"dpo": "sigmoid", "cdpo": "sigmoid", "kto_pair": "bco_pair", "slic": "hinge", "nca": "nca_pair",

@@ -1,4 +1,5 @@
-"""What the user sees: the progress bar and metrics.jsonl. Writers are no-op objects where disabled."""
+"""What the user sees: the progress bar or log lines, metrics.jsonl, and the trackers (TensorBoard, W&B, MLflow).
+Writers are no-op objects where disabled, so the training loop has no branches for them."""
 
 from __future__ import annotations
 
@@ -40,12 +41,17 @@ class NoMetricsFile:
 
 
 class ProgressBar:
-    """tqdm bar on stderr: step, pairs/s, loss, reward accuracy, time left."""
+    """tqdm bar on stderr (step, pairs/s, loss, reward accuracy, time left) where stderr is a terminal and
+    `enabled`; elsewhere (a log file, a pipe, --progress false) one plain line per metrics.jsonl line (`logged`).
+    `quiet`: neither (the processes that are not the main one)."""
 
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, quiet: bool = False):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+        self.live = enabled and not quiet and sys.stderr.isatty()
+        self.lines = not self.live and not quiet
+        self.total, self.start, self.first = total, time.perf_counter(), initial
+        self.bar = tqdm(total=total, initial=initial, disable=not self.live, unit="step", dynamic_ncols=True,
                         file=sys.stderr)
 
     def update(self, metrics: dict) -> None:
@@ -53,11 +59,128 @@ class ProgressBar:
                               "pairs/s": f"{metrics['pairs_per_second']:.1f}"}, refresh=False)
         self.bar.update(1)
 
+    def logged(self, record: dict) -> None:
+        """A metrics.jsonl record as one line, where there is no bar."""
+        if not self.lines:
+            return
+        step, done = record["step"], record["step"] - self.first
+        left = (time.perf_counter() - self.start) / max(done, 1) * (self.total - step)
+        print(f"fastdpo: step {step}/{self.total} (epoch {record['epoch']:.2f}): loss {record['loss']:.4f}, reward "
+              f"accuracy {record['rewards/accuracies']:.3f}, margin {record['rewards/margins']:.4f}, lr "
+              f"{record['learning_rate']:.3g}, grad norm {record['grad_norm']:.3g}, "
+              f"{record['pairs_per_second']:.2f} pairs/s, {_duration(left)} left", file=sys.stderr, flush=True)
+
     def write(self, text: str) -> None:
         self.bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Sinks:
+    """Where a metrics record goes: metrics.jsonl, and each tracker of --report_to. Records are metrics.jsonl's
+    (`step`, then TRL's names: `loss`, `rewards/chosen`, `logps/rejected`, ..., `eval/...` for evaluation);
+    trackers get train records under `train/` and evaluation's as they are, as HF Trainer names them."""
+
+    def __init__(self, metrics_file, trackers=()):
+        self.metrics_file, self.trackers = metrics_file, list(trackers)
+
+    def write(self, record: dict) -> None:
+        self.metrics_file.write(record)
+        step = record["step"]
+        scalars = {(k if k.startswith(("eval/", "samples/")) else f"train/{k}"): float(v) for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for tracker in self.trackers:
+            tracker.log(scalars, step)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
+
+
+def tracker_names(report_to: str) -> list[str]:
+    return [t.strip() for t in report_to.split(",") if t.strip() not in ("", "none")]
+
+
+def tracker_dirs(report_to: str) -> list[str]:
+    """The entries of OUTPUT_DIR the trackers write (fastdpo's, so --overwrite replaces them)."""
+    return [name for name in tracker_names(report_to) if name in ("tensorboard", "wandb")]
+
+
+def open_trackers(report_to: str, output_dir: str, config: dict, run_name: str) -> list:
+    """The trackers --report_to names, each imported only here (a missing package is one line naming it)."""
+    names = tracker_names(report_to)
+    return [{"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}[n](output_dir, config, run_name)
+            for n in names]
+
+
+def _require(module: str, tracker: str, package: str):
+    import importlib
+
+    from fastdpo.errors import UserError
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"--report_to {tracker}: {package} is not installed (pip install {package})",
+                        exit_code=2) from None
+
+
+class TensorBoard:
+    """Event files in OUTPUT_DIR/tensorboard (`tensorboard --logdir OUTPUT_DIR/tensorboard`)."""
+
+    def __init__(self, output_dir: str, config: dict, run_name: str):
+        _require("tensorboard", "tensorboard", "tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
+        self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()), 0)
+
+    def log(self, scalars: dict, step: int) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandB:
+    """A W&B run (project $WANDB_PROJECT, default fastdpo) with the resolved config; its files under OUTPUT_DIR
+    (WANDB_MODE=offline writes them there only, for `wandb sync` later)."""
+
+    def __init__(self, output_dir: str, config: dict, run_name: str):
+        wandb = _require("wandb", "wandb", "wandb")
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "fastdpo"), name=run_name, config=config,
+                              dir=output_dir)
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MLflow:
+    """An MLflow run (tracking URI and experiment from MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME) with the
+    resolved config as its parameters."""
+
+    def __init__(self, output_dir: str, config: dict, run_name: str):
+        self.mlflow = _require("mlflow", "mlflow", "mlflow")
+        self.mlflow.start_run(run_name=run_name)
+        self.mlflow.log_params({k: str(v)[:500] for k, v in config.items()})
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.mlflow.log_metrics(scalars, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
 
 
 def on_host(values: dict) -> dict:

@@ -4,6 +4,7 @@ the one explicit training loop."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
 import os
@@ -24,7 +25,8 @@ from fastdpo.data import Fields
 from fastdpo.errors import UserError
 from fastdpo.evaluation import evaluate_pairs
 from fastdpo.logps import LogpsModule, choose_layout, flex_compile_failure
-from fastdpo.metrics import LogWindow, MetricsFile, NoMetricsFile, ProgressBar, StepRecord, mean_metrics, on_host
+from fastdpo.metrics import (LogWindow, MetricsFile, NoMetricsFile, ProgressBar, Sinks, StepRecord, mean_metrics,
+                             on_host, open_trackers, tracker_dirs)
 from fastdpo.outputs import Plan, atomic_write_text, claim, plan_output_dir, recorded, remove_ours, write_error
 from fastdpo.models import (Inputs, attention_implementation, check_models, is_lora, load_policy, policy_tokenizer,
                             reference_weights, save_dtype, set_attention)
@@ -88,12 +90,12 @@ def fit(run: Run) -> TrainResult:
         rt.log(f"fastdpo: --resume: {cfg.output_dir} is finished ({state.step} of {state.total_steps} steps); nothing to "
                "do (a larger --max_steps or --epochs trains it further)")
         return TrainResult(cfg.output_dir, state.step, state.eval_before, None, None, model=finished_model(run))
-    metrics_file = open_outputs(run)
+    sinks = open_outputs(run)
     if state.step == 0:
-        state.eval_before = evaluate_now(run, 0, metrics_file)
+        state.eval_before = evaluate_now(run, 0, sinks)
     if state.eval_before:
         rt.log(eval_line("eval before training", state.eval_before))
-    bar = ProgressBar(state.total_steps, initial=state.step, enabled=cfg.progress and rt.main)
+    bar = ProgressBar(state.total_steps, initial=state.step, enabled=cfg.progress, quiet=not rt.main)
     window, last, orders = LogWindow(), None, {}
     lengths = pairs.num_tokens().tolist() if cfg.group_by_length else None
     stop = StopOnSignal().install()  # SIGTERM / first Ctrl-C: finish the step, checkpoint, exit 0
@@ -119,9 +121,10 @@ def fit(run: Run) -> TrainResult:
             bar.update({**stats.metrics, "pairs_per_second": window.pairs_per_second()})
             if done % cfg.logging_steps == 0 or done == state.total_steps:
                 last = window.flush(done, epoch + (index + 1) / state.steps_per_epoch, lr)
-                metrics_file.write(last)
+                sinks.write(last)
+                bar.logged(last)
             if cfg.eval_steps and done % cfg.eval_steps == 0 and done != state.total_steps:
-                result = evaluate_now(run, done, metrics_file)
+                result = evaluate_now(run, done, sinks)
                 if result and rt.main:
                     bar.write(eval_line(f"step {done}: eval", result))
             stopping = stats.stop_requested and done != state.total_steps  # every process stops after this step
@@ -141,10 +144,11 @@ def fit(run: Run) -> TrainResult:
                 rt.log(f"fastdpo: {stop.requested or 'stop'}: stopped after step {done} of {state.total_steps}; "
                        "checkpoint written, continue with the same command plus --resume")
                 return TrainResult(cfg.output_dir, done, state.eval_before, None, last, True, run.policy)
+        bar.close()
+        eval_after = evaluate_now(run, state.total_steps, sinks)
     finally:
         stop.uninstall()
-    bar.close()
-    eval_after = evaluate_now(run, state.total_steps, metrics_file)
+        sinks.close()
     state_dict = rt.full_state_dict(run.module)  # every process takes part in gathering sharded weights
     trained = finished_model(run)
     if rt.main:
@@ -452,7 +456,7 @@ def optimizer_step(run: Run, finite: bool) -> None:
                         f"{last_good or 'none (use --save_steps)'}")
 
 
-def evaluate_now(run: Run, step: int, metrics_file) -> dict | None:
+def evaluate_now(run: Run, step: int, sinks) -> dict | None:
     """The held-out metrics (pooled over the processes), written as an `eval/` metrics line; None without eval data."""
     if not run.eval_pairs:
         return None
@@ -462,27 +466,29 @@ def evaluate_now(run: Run, step: int, metrics_file) -> dict | None:
                             cfg.eval_batch_size or run.micro_batch_size, rt,
                             Processes() if rt.sharded else rt.processes, progress=cfg.progress and rt.main)
     run.module.train()
-    metrics_file.write({"step": step, **{f"eval/{k}": v for k, v in result.metrics.items()}})
+    sinks.write({"step": step, **{f"eval/{k}": v for k, v in result.metrics.items()}})
     return result.metrics
 
 
-def open_outputs(run: Run):
+def open_outputs(run: Run) -> Sinks:
     """The output directory as the plan says (fastdpo's earlier files removed, or the resumed run's kept), its
-    config.yaml, and the metrics file."""
+    config.yaml, and where metrics go: metrics.jsonl and the --report_to trackers (the main process's)."""
     cfg, rt, out = run.cfg, run.runtime, run.cfg.output_dir
     if not rt.main:
-        return NoMetricsFile()
+        return Sinks(NoMetricsFile())
     if run.plan.clear:
         remove_ours(out)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise write_error("the output directory", out, e) from None
-    claim(out, "config.yaml", "metrics.jsonl")
+    claim(out, "config.yaml", "metrics.jsonl", *tracker_dirs(cfg.report_to))
     print(cfg.to_yaml().rstrip(), file=sys.stderr)  # printed once set-up succeeded: a failure prints one line
     atomic_write_text(os.path.join(out, "config.yaml"), cfg.to_yaml())
-    return MetricsFile(os.path.join(out, "metrics.jsonl"), resume_step=run.state.step if run.resume_from else None,
-                       rewrite=atomic_write_text, failure=lambda e: write_error("metrics.jsonl", out, e))
+    metrics = MetricsFile(os.path.join(out, "metrics.jsonl"), resume_step=run.state.step if run.resume_from else None,
+                          rewrite=atomic_write_text, failure=lambda e: write_error("metrics.jsonl", out, e))
+    return Sinks(metrics, open_trackers(cfg.report_to, out, dataclasses.asdict(cfg), os.path.basename(
+        os.path.abspath(out))))
 
 
 def eval_line(when: str, metrics: dict) -> str:
