@@ -345,13 +345,20 @@ def _tied_names(model) -> set[str]:
     return tied
 
 
+def _write_card(directory: str, card: str | None) -> None:
+    if card is not None:
+        with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
+
+
 def save_final(output_dir: str, model, tokenizer, results: dict, lora: bool = False, merge_lora: bool = False,
-               state_dict=None, dtype: torch.dtype | None = None):
+               state_dict=None, dtype: torch.dtype | None = None, card: str | None = None):
     """The final model and tokenizer (Hugging Face format, safetensors) plus the run's results; returns the model
     as it now is. `lora`: the model is a peft model, saved as its adapter; with `merge_lora` the adapter is then
     merged into the base in place (no second copy of the weights) and the merged model is saved and returned.
     `state_dict`: the weights gathered from their shards, when the model holds only its own shard; `dtype`: the
-    saved weights' (a LoRA adapter keeps its own). A failed save removes what it wrote and says where the last
+    saved weights' (a LoRA adapter keeps its own); `card`: the model card, saved as README.md beside the model
+    (and the merged one). A failed save removes what it wrote and says where the last
     checkpoint is."""
     try:
         tmp = tempfile.mkdtemp(dir=output_dir, prefix=TEMPORARY + "final-")
@@ -365,9 +372,11 @@ def save_final(output_dir: str, model, tokenizer, results: dict, lora: bool = Fa
                     model = model.merge_and_unload()
                     save_model(model, merged, None, dtype)
                     tokenizer.save_pretrained(merged)
+                    _write_card(merged, card)
             else:
                 save_model(model, tmp, state_dict, dtype)
             tokenizer.save_pretrained(tmp)
+            _write_card(tmp, card)
             chmod_tree(tmp)  # what save_pretrained wrote gets the user's umask, as everything fastdpo writes
             names = os.listdir(tmp)
             claim(output_dir, *names, "results.json")

@@ -19,6 +19,7 @@ commands:
   generate  sample responses to prompts, each with its log-probs, KL from the reference and implicit reward
   score     the implicit reward β log π/π_ref of responses, pairs (accuracy per subset) or candidates
   rank      each prompt's candidates reordered by implicit reward, best first
+  report    plots (PNG) and a markdown summary of a training run: fastdpo report RUN_DIR
 
 `fastdpo <command> --help` lists the command's options."""
 
@@ -97,12 +98,14 @@ def _dispatch(argv: list[str]) -> int:
         return generate_command(rest)
     if command in ("score", "rank"):
         return score_command(command, rest)
+    if command == "report":
+        return report_command(rest)
     if command in ("--version", "version"):
         from fastdpo import __version__
 
         print(f"fastdpo {__version__}")
         return 0
-    raise UserError(f"unknown command {command!r}; commands: train, eval, generate, score, rank",
+    raise UserError(f"unknown command {command!r}; commands: train, eval, generate, score, rank, report",
                     exit_code=2)
 
 
@@ -218,6 +221,19 @@ def score_command(command: str, argv: list[str]) -> int:
     print(format_summary(result.summary), file=sys.stderr)
     if outputs.json:
         print(json.dumps(result.summary))
+    return 0
+
+
+def report_command(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv or len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: fastdpo report RUN_DIR\n\nwrites RUN_DIR/report.png (the run's curves: loss, reward accuracy "
+              "and margin, rewards, log-probs, learning rate, gradient norm, throughput; train and eval) and "
+              "RUN_DIR/report.md (a summary)", file=sys.stdout if argv in (["-h"], ["--help"]) else sys.stderr)
+        return 0 if argv in (["-h"], ["--help"]) else 2
+    from fastdpo.report import write_report
+
+    image, summary, panels = write_report(argv[0])
+    print(f"fastdpo: wrote {image} ({len(panels)} panels: {', '.join(panels)}) and {summary}", file=sys.stderr)
     return 0
 
 

@@ -30,6 +30,7 @@ from fastdpo.metrics import (LogWindow, MetricsFile, NoMetricsFile, ProgressBar,
 from fastdpo.outputs import Plan, atomic_write_text, claim, plan_output_dir, recorded, remove_ours, write_error
 from fastdpo.models import (Inputs, attention_implementation, check_models, is_lora, load_policy, policy_tokenizer,
                             reference_weights, save_dtype, set_attention)
+from fastdpo.report import model_card
 from fastdpo.reference import Reference, build_reference, placed, sync_reference
 from fastdpo.runtime import Processes, Runtime, start
 from fastdpo.step import score_batch
@@ -153,8 +154,9 @@ def fit(run: Run) -> TrainResult:
     trained = finished_model(run)
     if rt.main:
         results = {"steps": state.total_steps, "eval_before": state.eval_before, "eval_after": eval_after}
+        card = model_card(dataclasses.asdict(cfg), results, last)
         trained = save_final(cfg.output_dir, trained, run.tokenizer, results, is_lora(trained), cfg.merge_lora,
-                             state_dict, run.save_dtype)
+                             state_dict, run.save_dtype, card)
         print_summary(cfg, state.eval_before, eval_after)
     if rt.strategy == "fsdp" or rt.zero3:  # the policy holds shards: a whole copy on the main process
         trained = plain_model(trained, state_dict) if rt.main else None
