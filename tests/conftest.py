@@ -129,3 +129,14 @@ def model_and_pairs(tmp_path_factory, name: str, seed: int, rows: int) -> tuple:
     """(root, model dir, pairs.jsonl): a tiny random model and the first `rows` example pairs, for training tests."""
     root = tmp_path_factory.mktemp(name)
     return root, make_model_dir(root / "model", seed=seed), write_jsonl(root / "pairs.jsonl", example_rows(rows))
+
+
+@pytest.fixture(scope="module")
+def word_models(tmp_path_factory):
+    """Two tiny random Llamas (seeds 1 and 2) saved with the word tokenizer: a policy and its reference."""
+    root = tmp_path_factory.mktemp("models")
+    tok = word_tokenizer()
+    for name, seed in (("policy", 1), ("reference", 2)):
+        tiny_llama(len(tok), seed=seed).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root

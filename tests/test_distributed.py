@@ -88,6 +88,19 @@ def test_two_processes_equal_one_with_the_same_global_batch(base, single, tmp_pa
     assert result.stdout.count("fastdpo: training finished") == 1
 
 
+def test_eval_samples_under_two_processes_equal_one(base, tmp_path):
+    """--eval_samples under DDP: the main process samples with the unwrapped policy while the others wait; the
+    samples (seeded by the step) and their KL equal one process's."""
+    flags = ("--eval_data", base[2], "--eval_samples", "2", "--num_samples", "2", "--max_new_tokens", "5")
+    launch(base, tmp_path / "one", 1, *flags)
+    launch(base, tmp_path / "two", 2, *flags)
+    rows = [[json.loads(line) for line in open(tmp_path / out / "samples.jsonl")] for out in ("one", "two")]
+    assert len(rows[0]) == len(rows[1]) == 8  # before and after training, 2 prompts x 2 samples
+    for a, b in zip(*rows):
+        assert (a["step"], a["response_ids"]) == (b["step"], b["response_ids"])
+        assert b["kl"] == pytest.approx(a["kl"], abs=1e-4)
+
+
 def test_precomputed_reference_is_the_same_under_one_and_two_processes(base, single, tmp_path):
     from safetensors.torch import load_file
 

@@ -20,13 +20,8 @@ PROMPTS = [{"prompt": "The sky is"}, {"prompt": [{"role": "user", "content": "Wh
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tok = word_tokenizer()
-    for name, seed in (("policy", 1), ("reference", 2)):
-        tiny_llama(len(tok), seed=seed).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    return root
+def models(word_models):
+    return word_models
 
 
 def test_rows_hold_exact_log_probs_kl_and_reward_for_text_chat_and_preference_prompts(models, tmp_path):
@@ -132,3 +127,44 @@ def test_stop_ids_include_the_models_generation_config_eos():
             eos_token_id = [7, 1]
 
     assert stop_ids(M(), word_tokenizer()) == [1, 7]
+
+
+# --- --eval_samples: samples at every evaluation during training ---------------------------------------------------
+
+def train_args(out, *extra):
+    return ["train", "--model", "builtin:tiny", "--data", "builtin:example", "--eval_data", "builtin:example-eval",
+            "--output_dir", str(out), "--max_steps", "4", "--eval_steps", "2", "--logging_steps", "2",
+            "--batch_size", "4", "--learning_rate", "1e-4", "--progress", "false", *extra]
+
+
+def test_eval_samples_are_logged_at_every_evaluation_and_leave_training_unchanged(tmp_path, capsys):
+    """2 prompts x 2 samples at steps 0, 2 and 4: a samples.jsonl row each and a samples/ metrics line each time;
+    at step 0 the policy is its reference (KL exactly 0); the trained weights equal a run without samples."""
+    from conftest import assert_same_weights
+
+    run_cli(train_args(tmp_path / "plain"), capsys)
+    run_cli(train_args(tmp_path / "sampled", "--eval_samples", "2", "--num_samples", "2", "--max_new_tokens", "6"),
+            capsys)
+    rows = [json.loads(line) for line in (tmp_path / "sampled" / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0] * 4 + [2] * 4 + [4] * 4
+    assert all(r["kl"] == 0.0 for r in rows if r["step"] == 0) and any(r["kl"] != 0.0 for r in rows[4:])
+    lines = [json.loads(line) for line in (tmp_path / "sampled" / "metrics.jsonl").read_text().splitlines()]
+    means = {r["step"]: r for r in lines if "samples/kl" in r}
+    assert sorted(means) == [0, 2, 4]
+    for step, record in means.items():
+        at = [r for r in rows if r["step"] == step]
+        assert record["samples/kl"] == pytest.approx(sum(r["kl"] for r in at) / 4)
+        assert record["samples/tokens"] == pytest.approx(sum(r["tokens"] for r in at) / 4)
+        assert all(r["kl"] == pytest.approx(r["policy_logps"] - r["reference_logps"]) for r in at)
+    assert_same_weights(tmp_path / "plain", tmp_path / "sampled")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--eval_data", "", "--eval_samples", "2"], "--eval_samples 2: needs --eval_data"),
+    (["--eval_samples", "2", "--reference", "precomputed"], "--eval_samples 2: needs the reference model"),
+    (["--temperature", "0.7"], "--temperature: a sampling option, which training uses only with --eval_samples"),
+])
+def test_eval_samples_misuse_is_one_line(tmp_path, capsys, extra, message):
+    run_cli(train_args(tmp_path / "o", *extra), capsys, expect_code=2)
+    assert message in run_cli.last_stderr and "Traceback" not in run_cli.last_stderr
+    assert not (tmp_path / "o").exists()

@@ -129,17 +129,53 @@ def test_resume_and_later_runs_read_the_tokenized_data_from_the_cache(tmp_path, 
     assert "train data: loaded from the cache" in capsys.readouterr().err
 
 
-def test_preparation_precompute_and_evaluation_show_progress(tmp_path):
+def test_preparation_precompute_and_evaluation_show_progress_on_a_terminal_only(tmp_path):
+    """On a terminal (a pseudo-terminal here) each long phase has a bar; into a pipe or a log file nothing is
+    drawn with carriage returns, and the phases' summary lines and a line per logging step say the same."""
+    import os
+    import pty
     import subprocess
     import sys
+    import threading
 
     from conftest import make_model_dir
 
     model = make_model_dir(tmp_path / "m", seed=1)
     data = write_jsonl(tmp_path / "d.jsonl", example_rows(24))
-    proc = subprocess.run([sys.executable, "-m", "fastdpo", "train", "--model", model, "--data", data, "--eval_data",
-                           data, "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--reference",
-                           "precomputed", "--ref_cache_dir", "off"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    argv = [sys.executable, "-m", "fastdpo", "train", "--model", model, "--data", data, "--eval_data", data,
+            "--reference", "precomputed", "--ref_cache_dir", "off", "--max_steps", "1", "--logging_steps", "1"]
+    master, slave = pty.openpty()
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 columns wide
+    chunks = []
+    reader = threading.Thread(target=lambda: _drain(master, chunks))
+    reader.start()
+    proc = subprocess.run(argv + ["--output_dir", str(tmp_path / "tty"), "--data_cache_dir", "off"],
+                          stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    reader.join(timeout=60)
+    terminal = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0, terminal[-2000:]
     for bar in ("tokenizing data", "tokenizing eval data", "reference log-probs", "evaluating"):
-        assert bar in proc.stderr, bar
+        assert bar in terminal, bar
+    piped = subprocess.run(argv + ["--output_dir", str(tmp_path / "pipe"), "--data_cache_dir", "off"],
+                           capture_output=True, text=True)
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert "\r" not in piped.stderr and "train data: 24 records tokenized" in piped.stderr
+    assert "fastdpo: step 1/1 (epoch" in piped.stderr
+
+
+def _drain(fd: int, chunks: list) -> None:
+    import os
+
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # the other end closed
+            return
+        if not data:
+            return
+        chunks.append(data)

@@ -27,7 +27,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_the_report_png_decodes_and_holds_every_panel_the_run_logged(run_dir, capsys):
-    matplotlib = pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib")
     from matplotlib import image
 
     run_cli(["report", str(run_dir)], capsys)

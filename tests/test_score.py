@@ -22,13 +22,8 @@ RESPONSES = [{"prompt": "The sky is", "response": " green grass"}]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tok = word_tokenizer()
-    for name, seed in (("policy", 1), ("reference", 2)):
-        tiny_llama(len(tok), seed=seed).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    return root
+def models(word_models):
+    return word_models
 
 
 def score(models, command, data, capsys, *flags):

@@ -165,6 +165,9 @@ class Config:
                      generate=True)
     max_new_tokens: int = opt(128, "tokens a sample holds at most; a sample cut there ends without EOS",
                               generate=True)
+    eval_samples: int = opt(0, "train: at every evaluation, sample the first N distinct eval prompts (with the "
+                               "sampling options) and log the samples' mean KL, implicit reward, length and EOS rate; "
+                               "each sample goes to OUTPUT_DIR/samples.jsonl")
 
     def __post_init__(self):
         self.validate()
@@ -232,7 +235,7 @@ class Config:
         for key in ("batch_size", "max_length", "max_prompt_length", "max_bad_steps", "logging_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("micro_batch_size", "eval_batch_size", "max_steps", "warmup_steps", "save_steps", "eval_steps",
+        for key in ("eval_samples", "micro_batch_size", "eval_batch_size", "max_steps", "warmup_steps", "save_steps", "eval_steps",
                     "save_total_limit", "pack_length", "logits_chunk_size", "lora_r", "ref_sync_steps",
                     "learning_rate", "weight_decay", "max_grad_norm"):
             if getattr(self, key) < 0:

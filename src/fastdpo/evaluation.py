@@ -65,6 +65,18 @@ def evaluate_pairs(policy, reference: Reference, pairs: PairSet, cfg: Config, la
     return EvalResult(metrics, rows)
 
 
+def start_scoring(cfg: Config, inputs: Inputs, command: str, log=None):
+    """The set-up `generate`, `score` and `rank` share: the runtime (one process), the policy's tokenizer, and the
+    config as the models' checks leave it. Returns (runtime, tokenizer, cfg, log)."""
+    runtime = start(cfg)
+    log = log or runtime.log
+    if runtime.processes.world > 1:
+        raise UserError(f"fastdpo {command} runs in one process; launch it without torchrun / accelerate launch",
+                        exit_code=2)
+    tokenizer = policy_tokenizer(cfg, inputs)
+    return runtime, tokenizer, check_models(cfg, inputs, tokenizer, log), log
+
+
 @torch.no_grad()
 def pair_logps(models: dict, layout: Layout, pairs: list, pad_token_id: int, batch_size: int,
                runtime: Runtime) -> dict[str, list[tuple[float, float]]]:

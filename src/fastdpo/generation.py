@@ -22,11 +22,10 @@ from fastdpo.attention import set_per_segment
 from fastdpo.config import Config
 from fastdpo.data import Fields, load_prompts
 from fastdpo.errors import UserError
-from fastdpo.evaluation import pair_logps
+from fastdpo.evaluation import pair_logps, start_scoring
 from fastdpo.logps import LogpsModule, choose_layout
-from fastdpo.models import (Inputs, attention_implementation, check_models, policy_and_reference, policy_tokenizer,
-                            set_attention)
-from fastdpo.runtime import Runtime, start
+from fastdpo.models import Inputs, attention_implementation, policy_and_reference, set_attention
+from fastdpo.runtime import Runtime
 from fastdpo.tokenize import TokenizedPair, encode_prompt
 
 
@@ -126,13 +125,7 @@ def run_generate(cfg: Config, inputs: Inputs | None = None, log=None) -> Generat
     if inputs.data is None and not cfg.data:
         raise UserError("--data: generate needs prompts (a .jsonl of {\"prompt\": ...} records, or preference "
                         "data)", exit_code=2)
-    runtime = start(cfg)
-    log = log or runtime.log
-    if runtime.processes.world > 1:
-        raise UserError("fastdpo generate runs in one process; launch it without torchrun / accelerate launch",
-                        exit_code=2)
-    tokenizer = policy_tokenizer(cfg, inputs)
-    cfg = check_models(cfg, inputs, tokenizer, log)
+    runtime, tokenizer, cfg, log = start_scoring(cfg, inputs, "generate", log)
     found = load_prompts(inputs.data if inputs.data is not None else cfg.data, cfg.data_split,
                          Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field))
     encoded = [encode_prompt(prompt, tokenizer, where, cfg.max_prompt_length) for where, prompt in found]
@@ -176,6 +169,46 @@ def score_samples(cfg: Config, samples: list[Sample], prompts: list, policy, ref
             row.update(reference_logps=logps["reference"][i], kl=kl, reward=cfg.beta * kl)
         rows.append(row)
     return GenerateResult(summarize(rows), rows)
+
+
+def training_samples(policy, scorers: dict, layout, prompts: list[tuple[object, list[int]]], cfg: Config,
+                     tokenizer, runtime: Runtime, seed: int) -> tuple[list[dict], dict]:
+    """The samples of an evaluation during training: `cfg.num_samples` for each prompt (object, ids), drawn with
+    `seed` in a forked RNG (training's random state is left as it was), scored by `scorers` (name -> callable
+    batch -> (2B,) log-probs: the policy's forward and the run's reference). Returns the rows and their means
+    under `samples/...`."""
+    devices = [runtime.device] if runtime.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        samples = sample(policy, [ids for _, ids in prompts], cfg, tokenizer.pad_token_id,
+                         stop_ids(policy, tokenizer), runtime.device)
+    items = [(s.prompt_ids, s.response_ids) for s in samples]
+    modules = {name: _Scorer(fn) for name, fn in scorers.items()}
+    logps = samples_logps(modules, layout, items, tokenizer.pad_token_id, cfg.eval_batch_size or cfg.batch_size,
+                          runtime)
+    rows = []
+    for i, s in enumerate(samples):
+        row = {"prompt_index": s.prompt_index, "sample_index": s.sample_index, "prompt": prompts[s.prompt_index][0],
+               "response": tokenizer.decode(s.response_ids[:-1] if s.ended else s.response_ids),
+               "response_ids": s.response_ids, "tokens": len(s.response_ids), "ended_with_eos": s.ended, "policy_logps": logps["policy"][i]}
+        if "reference" in logps:
+            kl = logps["policy"][i] - logps["reference"][i]
+            row.update(reference_logps=logps["reference"][i], kl=kl, reward=cfg.beta * kl)
+        rows.append(row)
+    summary = summarize(rows)
+    means = {f"samples/{k}": v for k, v in (("tokens", summary["mean_tokens"]), ("eos_rate", summary["eos_rate"]),
+                                           ("kl", summary.get("kl")), ("reward", summary.get("reward"))) if v is not None}
+    return rows, means
+
+
+class _Scorer:
+    """A callable batch -> (2B,) log-probs as `samples_logps` takes a module (which returns (logps, counts))."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, batch):
+        return self.fn(batch), None
 
 
 def print_summary(summary: dict, file=None) -> None:

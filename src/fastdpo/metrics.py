@@ -88,8 +88,9 @@ class Sinks:
     (`step`, then TRL's names: `loss`, `rewards/chosen`, `logps/rejected`, ..., `eval/...` for evaluation);
     trackers get train records under `train/` and evaluation's as they are, as HF Trainer names them."""
 
-    def __init__(self, metrics_file, trackers=()):
+    def __init__(self, metrics_file, trackers=(), samples_file=None):
         self.metrics_file, self.trackers = metrics_file, list(trackers)
+        self.samples_file = samples_file or NoMetricsFile()
 
     def write(self, record: dict) -> None:
         self.metrics_file.write(record)
@@ -99,9 +100,20 @@ class Sinks:
         for tracker in self.trackers:
             tracker.log(scalars, step)
 
+    def samples(self, step: int, rows: list[dict]) -> None:
+        """An evaluation's samples: a samples.jsonl line each, and a table for the trackers that show text."""
+        for row in rows:
+            self.samples_file.write({"step": step, **row})
+        for tracker in self.trackers:
+            tracker.samples(rows, step)
+
     def close(self) -> None:
         for tracker in self.trackers:
             tracker.close()
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")[:300]
 
 
 def tracker_names(report_to: str) -> list[str]:
@@ -147,6 +159,13 @@ class TensorBoard:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
+    def samples(self, rows: list[dict], step: int) -> None:
+        table = ["| prompt | sample | KL | reward | tokens | EOS |", "|---|---|---|---|---|---|"]
+        table += [f"| {_cell(r['prompt'])} | {_cell(r['response'])} | {r.get('kl', float('nan')):.3f} | "
+                  f"{r.get('reward', float('nan')):.3f} | {r['tokens']} | {r['ended_with_eos']} |" for r in rows]
+        self.writer.add_text("samples", "\n".join(table), step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -163,6 +182,14 @@ class WandB:
     def log(self, scalars: dict, step: int) -> None:
         self.run.log(scalars, step=step)
 
+    def samples(self, rows: list[dict], step: int) -> None:
+        import wandb
+
+        columns = ["prompt", "response", "kl", "reward", "tokens", "ended_with_eos"]
+        data = [[str(r["prompt"]), r["response"], r.get("kl"), r.get("reward"), r["tokens"], r["ended_with_eos"]]
+                for r in rows]
+        self.run.log({"samples": wandb.Table(columns=columns, data=data)}, step=step)
+
     def close(self) -> None:
         self.run.finish()
 
@@ -178,6 +205,9 @@ class MLflow:
 
     def log(self, scalars: dict, step: int) -> None:
         self.mlflow.log_metrics(scalars, step=step)
+
+    def samples(self, rows: list[dict], step: int) -> None:
+        self.mlflow.log_text("".join(json.dumps(r) + "\n" for r in rows), f"samples/step-{step}.jsonl")
 
     def close(self) -> None:
         self.mlflow.end_run()

@@ -243,7 +243,8 @@ def precompute(reference: Reference, pairs: PairSet, name: str, layout: Layout, 
         # with a pair whose values are dropped
         pad = -(-len(pairs) // processes.world) - len(positions) if runtime.weights_on_main and len(pairs) else 0
         shard = compute_reference_logps(reference, pairs, positions + [0] * pad, layout, pad_token_id, batch_size,
-                                        runtime, progress=cfg.progress and processes.main)[:len(positions)]
+                                        runtime, progress=cfg.progress and processes.main and sys.stderr.isatty()
+                                        )[:len(positions)]
         values = torch.stack(processes.unshard([list(s) for s in processes.gather(shard)]))  # (N, 2)
         how = f"computed in {time.perf_counter() - start:.1f} s" + \
             (f" by {processes.world} processes" if processes.world > 1 else "")

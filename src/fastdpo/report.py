@@ -25,24 +25,27 @@ PANELS = [
 ]
 
 
-def read_run(run_dir: str) -> tuple[dict, list[dict], list[dict], dict]:
-    """A run directory's config, train and eval metrics lines, and results (a missing file is one line)."""
+def read_run(run_dir: str) -> tuple[dict, list[dict], list[dict], list[dict], dict]:
+    """A run directory's config, its train, eval and samples metrics lines, and results (a missing file is one
+    line)."""
     if not os.path.isdir(run_dir):
         raise UserError(f"{run_dir}: no such run directory", exit_code=2)
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise UserError(f"{run_dir}: no metrics.jsonl here; give the --output_dir of a fastdpo train run", exit_code=2)
-    train, evals = [], []
+    train, evals, samples = [], [], []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 record = json.loads(line)
             except ValueError:
                 continue  # a line a killed run left half-written
-            (evals if any(k.startswith("eval/") for k in record) else train).append(record)
+            kind = evals if any(k.startswith("eval/") for k in record) else \
+                samples if any(k.startswith("samples/") for k in record) else train
+            kind.append(record)
     config = _read(os.path.join(run_dir, "config.yaml"), yaml.safe_load) or {}
     results = _read(os.path.join(run_dir, "results.json"), json.load) or {}
-    return config, train, evals, results
+    return config, train, evals, samples, results
 
 
 def _read(path: str, load):
@@ -53,9 +56,10 @@ def _read(path: str, load):
         return None
 
 
-def plot(train: list[dict], evals: list[dict], path: str, title: str) -> list[str]:
-    """The run's curves as a PNG at `path`, one panel per quantity it logged (train lines solid, eval dashed);
-    returns the panels drawn."""
+def plot(train: list[dict], evals: list[dict], path: str, title: str, samples: list[dict] = ()) -> list[str]:
+    """The run's curves as a PNG at `path`, one panel per quantity it logged (train lines solid, eval dashed,
+    the evaluations' samples dotted); returns the panels drawn."""
+    train = list(train) + list(samples)  # the samples' keys are their own
     try:
         import matplotlib
     except ImportError:
@@ -71,7 +75,9 @@ def plot(train: list[dict], evals: list[dict], path: str, title: str) -> list[st
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
     for ax, (name, series) in zip(axes.flat, panels):
         for key, label in series:
-            for records, prefix, style, kind in ((train, "", "-", "train"), (evals, "eval/", "o--", "eval")):
+            own = "samples" if key.startswith("samples/") else "train"
+            for records, prefix, style, kind in ((train, "", "-" if own == "train" else "s:", own),
+                                                 (evals, "eval/", "o--", "eval")):
                 points = [(r["step"], r[prefix + key]) for r in records if prefix + key in r]
                 if points:
                     ax.plot(*zip(*points), style, label=f"{kind}: {label}", markersize=3)
@@ -88,7 +94,8 @@ def plot(train: list[dict], evals: list[dict], path: str, title: str) -> list[st
     return [name for name, _ in panels]
 
 
-def summary_markdown(config: dict, train: list[dict], evals: list[dict], results: dict, image: str | None) -> str:
+def summary_markdown(config: dict, train: list[dict], evals: list[dict], results: dict, image: str | None,
+                     samples: list[dict] = ()) -> str:
     """The run in markdown: what trained on what, and the metrics it ended with."""
     lines = [f"# fastdpo run: {config.get('output_dir', '')}", ""]
     lines += [f"- model: `{config.get('model')}`; reference: {config.get('reference')}"
@@ -110,6 +117,12 @@ def summary_markdown(config: dict, train: list[dict], evals: list[dict], results
         lines += ["## Held-out evaluation", "", "| metric | before | after |", "|---|---|---|"]
         lines += [f"| {k} | {_number((before or {}).get(k))} | {_number((after or {}).get(k))} |" for k in keys]
         lines.append("")
+    if samples:
+        lines += ["## Samples at each evaluation (--eval_samples; the texts are in samples.jsonl)", "",
+                  "| step | mean KL (nats) | mean reward | mean tokens | EOS rate |", "|---|---|---|---|---|"]
+        lines += [f"| {r['step']} | {_number(r.get('samples/kl'))} | {_number(r.get('samples/reward'))} | "
+                  f"{_number(r.get('samples/tokens'))} | {_number(r.get('samples/eos_rate'))} |" for r in samples]
+        lines.append("")
     if image:
         lines += [f"![training curves]({image})", ""]
     return "\n".join(lines)
@@ -125,14 +138,14 @@ def write_report(run_dir: str) -> tuple[str, str, list[str]]:
     """`fastdpo report RUN_DIR`: RUN_DIR/report.png and RUN_DIR/report.md; returns their paths and the panels."""
     from fastdpo.outputs import atomic_write_text, claim
 
-    config, train, evals, results = read_run(run_dir)
+    config, train, evals, samples, results = read_run(run_dir)
     if not train and not evals:
         raise UserError(f"{run_dir}: metrics.jsonl holds no metrics yet", exit_code=2)
     claim(run_dir, "report.png", "report.md")
     image = os.path.join(run_dir, "report.png")
     panels = plot(train, evals, image, f"fastdpo: {os.path.basename(os.path.abspath(run_dir))} "
-                                       f"({config.get('loss', '?')}, β = {config.get('beta', '?')})")
-    text = summary_markdown(config, train, evals, results, "report.png")
+                                       f"({config.get('loss', '?')}, β = {config.get('beta', '?')})", samples)
+    text = summary_markdown(config, train, evals, results, "report.png", samples)
     atomic_write_text(os.path.join(run_dir, "report.md"), text + "\n")
     return image, os.path.join(run_dir, "report.md"), panels
 

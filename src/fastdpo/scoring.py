@@ -26,11 +26,9 @@ from fastdpo.attention import set_per_segment
 from fastdpo.config import Config
 from fastdpo.data import BadRecord, Fields, Record, field_value, iter_raw, parse_record
 from fastdpo.errors import UserError
-from fastdpo.evaluation import pair_logps
+from fastdpo.evaluation import pair_logps, start_scoring
 from fastdpo.logps import LogpsModule, choose_layout
-from fastdpo.models import (Inputs, attention_implementation, check_models, policy_and_reference, policy_tokenizer,
-                            set_attention)
-from fastdpo.runtime import start
+from fastdpo.models import Inputs, attention_implementation, policy_and_reference, set_attention
 from fastdpo.tokenize import TokenizedPair, TokenizeStats, encode_records, truncate_responses
 
 
@@ -134,13 +132,7 @@ def run_score(cfg: Config, extra: ScoreFields, inputs: Inputs | None = None, len
     if inputs.data is None and not cfg.data:
         raise UserError("--data: score needs responses to score (pairs, prompt + response, or prompt + "
                         "candidates)", exit_code=2)
-    runtime = start(cfg)
-    log = log or runtime.log
-    if runtime.processes.world > 1:
-        raise UserError("fastdpo score runs in one process; launch it without torchrun / accelerate launch",
-                        exit_code=2)
-    tokenizer = policy_tokenizer(cfg, inputs)
-    cfg = check_models(cfg, inputs, tokenizer, log)
+    runtime, tokenizer, cfg, log = start_scoring(cfg, inputs, "score", log)
     fields = Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
     items = read_scored(inputs.data if inputs.data is not None else cfg.data, cfg.data_split, fields, extra)
     pairs, slots = tokenized_pairs(items, tokenizer, cfg)

@@ -3,7 +3,6 @@ the one explicit training loop."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import math
@@ -69,6 +68,7 @@ class Run:
     plan: Plan  # what the run does with its output directory
     micro_batch_size: int  # pairs per forward pass per process
     save_dtype: Any = None  # torch dtype of the saved model's weights
+    sample_prompts: list = dataclasses.field(default_factory=list)  # --eval_samples: (prompt, ids) of each
 
     @property
     def pad_token_id(self) -> int:
@@ -215,6 +215,7 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     cfg = check_models(cfg, inputs, tokenizer, runtime.log)  # before the heavy work; lengths the models can take
     pairs = load_set(cfg, tokenizer, inputs.data, "data", runtime)
     eval_pairs = load_set(cfg, tokenizer, inputs.eval_data, "eval_data", runtime)
+    sample_prompts = eval_sample_prompts(cfg, inputs, tokenizer, runtime)
     saved_as = save_dtype(cfg, inputs)  # the checkpoint's, before --torch_dtype casts a model passed in memory
     policy, weights = load_models(cfg, inputs, runtime)
     body = policy.get_base_model() if is_lora(policy) else policy  # the Hugging Face model, LoRA layers injected
@@ -251,6 +252,7 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     run = Run(cfg, runtime, tokenizer, pairs, eval_pairs, policy, runner, layout, references["train"],
               references.get("eval"), optimizer, scheduler, state, plan,
               cfg.micro_batch_size or cfg.batch_size // world, saved_as)
+    run.sample_prompts = sample_prompts
     if plan.resume_from:
         run.state = resume(run)
     return run
@@ -280,6 +282,32 @@ def require_inputs(cfg: Config, inputs: Inputs) -> None:
                         "datasets directory or a hub data set)", exit_code=2)
 
 
+def eval_sample_prompts(cfg: Config, inputs: Inputs, tokenizer, runtime: Runtime) -> list:
+    """--eval_samples: the first N distinct prompts of the eval data, as (prompt, ids); checked before the heavy
+    work. The sampling options do nothing in training without it, so setting one is an error."""
+    if not cfg.eval_samples:
+        changed = [name for name in ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens")
+                   if getattr(cfg, name) != Config.__dataclass_fields__[name].default]
+        if changed:
+            raise UserError(f"--{changed[0]}: a sampling option, which training uses only with --eval_samples N "
+                            "(samples at every evaluation); add it or drop the option", exit_code=2)
+        return []
+    source = inputs.eval_data if inputs.eval_data is not None else cfg.eval_data
+    why = ("needs --eval_data (its first prompts are sampled)" if source is None or source == "" else
+           "needs the reference model during training (the samples' KL); use --reference copy or model"
+           if cfg.reference == "precomputed" else
+           "samples in one process holding the whole model; under FSDP and ZeRO-3 the weights are sharded"
+           if runtime.strategy == "fsdp" or runtime.zero3 else None)
+    if why:
+        raise UserError(f"--eval_samples {cfg.eval_samples}: {why}", exit_code=2)
+    from fastdpo.data import load_prompts
+    from fastdpo.tokenize import encode_prompt
+
+    found = load_prompts(source, cfg.eval_data_split, Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
+                         name="eval_data")[: cfg.eval_samples]
+    return [(prompt, encode_prompt(prompt, tokenizer, where, cfg.max_prompt_length)[0]) for where, prompt in found]
+
+
 def load_set(cfg: Config, tokenizer, in_memory, name: str, runtime: Runtime) -> PairSet | None:
     """The tokenized pairs of `data` or `eval_data` (None when no eval data is given), with the summary line."""
     source = in_memory if in_memory is not None else getattr(cfg, name)
@@ -290,7 +318,8 @@ def load_set(cfg: Config, tokenizer, in_memory, name: str, runtime: Runtime) -> 
                                                                       cfg.rejected_field),
                               max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                               on_bad_record=cfg.on_bad_record, name=name, cache_dir=data_cache_dir(cfg),
-                              processes=runtime.processes, progress=cfg.progress and runtime.main, log=runtime.log)
+                              processes=runtime.processes,
+                              progress=cfg.progress and runtime.main and sys.stderr.isatty(), log=runtime.log)
     runtime.log(stats.summary("train data" if name == "data" else "eval data"))
     return pairs
 
@@ -466,10 +495,32 @@ def evaluate_now(run: Run, step: int, sinks) -> dict | None:
     run.module.eval()
     result = evaluate_pairs(run.module, run.eval_reference, run.eval_pairs, cfg, run.layout, run.pad_token_id,
                             cfg.eval_batch_size or run.micro_batch_size, rt,
-                            Processes() if rt.sharded else rt.processes, progress=cfg.progress and rt.main)
-    run.module.train()
+                            Processes() if rt.sharded else rt.processes,
+                            progress=cfg.progress and rt.main and sys.stderr.isatty())
     sinks.write({"step": step, **{f"eval/{k}": v for k, v in result.metrics.items()}})
+    if run.sample_prompts:
+        log_samples(run, step, sinks)
+    run.module.train()
     return result.metrics
+
+
+def log_samples(run: Run, step: int, sinks) -> None:
+    """--eval_samples: the main process samples the fixed prompts from the policy (seeded by the step, so a resumed
+    run draws the same), scores them under the policy and the run's reference, and logs them; the others wait."""
+    rt = run.runtime
+    if rt.main:
+        from fastdpo.generation import training_samples
+        from fastdpo.reference import NoReference
+
+        module = rt.accelerator.unwrap_model(run.module)  # no strategy collectives: one process samples
+        scorers = {"policy": lambda batch: module(batch)[0]}
+        if not isinstance(run.eval_reference, NoReference):
+            scorers["reference"] = lambda batch: run.eval_reference.logps(batch, ())
+        rows, means = training_samples(run.policy, scorers, run.layout, run.sample_prompts, run.cfg, run.tokenizer,
+                                       rt, seed=run.cfg.seed + step)
+        sinks.write({"step": step, **means})
+        sinks.samples(step, rows)
+    rt.accelerator.wait_for_everyone()
 
 
 def open_outputs(run: Run) -> Sinks:
@@ -484,13 +535,16 @@ def open_outputs(run: Run) -> Sinks:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise write_error("the output directory", out, e) from None
-    claim(out, "config.yaml", "metrics.jsonl", *tracker_dirs(cfg.report_to))
+    claim(out, "config.yaml", "metrics.jsonl", *tracker_dirs(cfg.report_to),
+          *(["samples.jsonl"] if cfg.eval_samples else []))
     print(cfg.to_yaml().rstrip(), file=sys.stderr)  # printed once set-up succeeded: a failure prints one line
     atomic_write_text(os.path.join(out, "config.yaml"), cfg.to_yaml())
-    metrics = MetricsFile(os.path.join(out, "metrics.jsonl"), resume_step=run.state.step if run.resume_from else None,
-                          rewrite=atomic_write_text, failure=lambda e: write_error("metrics.jsonl", out, e))
-    return Sinks(metrics, open_trackers(cfg.report_to, out, dataclasses.asdict(cfg), os.path.basename(
-        os.path.abspath(out))))
+    resumed = run.state.step if run.resume_from else None
+    files = {name: MetricsFile(os.path.join(out, name), resume_step=resumed, rewrite=atomic_write_text,
+                               failure=lambda e, name=name: write_error(name, out, e))
+             for name in ("metrics.jsonl", *(["samples.jsonl"] if cfg.eval_samples else []))}
+    return Sinks(files["metrics.jsonl"], open_trackers(cfg.report_to, out, dataclasses.asdict(cfg), os.path.basename(
+        os.path.abspath(out))), files.get("samples.jsonl"))
 
 
 def eval_line(when: str, metrics: dict) -> str:
