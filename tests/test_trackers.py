@@ -98,3 +98,24 @@ def test_without_a_terminal_each_logging_step_is_a_plain_line(tmp_path, capsys):
         assert len(lines) == len(train_records) == 2
         assert f"loss {train_records[-1]['loss']:.4f}" in lines[-1] and lines[-1].startswith("fastdpo: step 4/4")
         assert "\r" not in "".join(lines)
+
+
+def test_mlflow_gets_every_metrics_line_and_a_start_it_refuses_is_one_line(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow is not installed (pip install mlflow-skinny)")
+    from mlflow.tracking import MlflowClient
+
+    store = f"file://{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    run_cli(["train", "--model", "builtin:tiny", "--data", "builtin:example", "--output_dir", str(tmp_path / "no"),
+             "--max_steps", "1", "--report_to", "mlflow"], capsys, expect_code=2)
+    assert "--report_to mlflow: the tracker could not start (MlflowException:" in run_cli.last_stderr
+    assert "Traceback" not in run_cli.last_stderr
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow's file store, opted into
+    records = train(tmp_path, capsys, "--report_to", "mlflow")
+    client = MlflowClient(store)
+    run = client.search_runs([client.search_experiments()[0].experiment_id])[0]
+    assert run.data.params["beta"] == "0.1"
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert logged == {r["step"]: pytest.approx(r["loss"]) for r in records if "loss" in r}
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [0, 2, 4]

@@ -127,9 +127,22 @@ def tracker_dirs(report_to: str) -> list[str]:
 
 def open_trackers(report_to: str, output_dir: str, config: dict, run_name: str) -> list:
     """The trackers --report_to names, each imported only here (a missing package is one line naming it)."""
-    names = tracker_names(report_to)
-    return [{"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}[n](output_dir, config, run_name)
-            for n in names]
+    from fastdpo.errors import UserError
+
+    trackers = []
+    for name in tracker_names(report_to):
+        try:
+            trackers.append({"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}[name](output_dir, config,
+                                                                                                 run_name))
+        except UserError:
+            raise
+        except Exception as e:  # the tracker's own set-up (its server, credentials, backend) refused to start
+            for started in trackers:
+                started.close()
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise UserError(f"--report_to {name}: the tracker could not start ({type(e).__name__}: {first})",
+                            exit_code=2) from None
+    return trackers
 
 
 def _require(module: str, tracker: str, package: str):
