@@ -73,11 +73,13 @@ def token_ranks(model, prompt: list[int], response: list[int]) -> list[int]:
 
 
 def test_sampling_is_the_policy_itself_whatever_the_models_generation_config(models, tmp_path, capsys):
-    """The model directory's generation_config asks for top-k 2; by default fastdpo samples from the whole
-    distribution (tokens ranked past 2 appear), and --top_k 2 is what restricts it."""
+    """The model directory's generation_config asks for top-k 2 and a repetition penalty that forbids repeats;
+    by default fastdpo samples from the whole distribution (tokens ranked past 2 appear, and tokens repeat within
+    a sample), and --top_k 2 is what restricts it."""
     from transformers import GenerationConfig
 
-    GenerationConfig(do_sample=True, top_k=2, temperature=0.3).save_pretrained(models / "policy")
+    GenerationConfig(do_sample=True, top_k=2, temperature=0.3, repetition_penalty=1e4).save_pretrained(
+        models / "policy")
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "The sky is"}, {"prompt": "hello world"}])
     policy = tiny_llama(len(word_tokenizer()), seed=1)
     ranks = {}
@@ -88,6 +90,7 @@ def test_sampling_is_the_policy_itself_whatever_the_models_generation_config(mod
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         prompts = {r["prompt_index"]: encode_prompt(r["prompt"], word_tokenizer(), "x", 512)[0] for r in rows}
         ranks[flags] = [k for r in rows for k in token_ranks(policy, prompts[r["prompt_index"]], r["response_ids"])]
+        assert any(len(set(r["response_ids"])) < len(r["response_ids"]) for r in rows)  # no repetition penalty
     assert max(ranks[()]) >= 2 and max(ranks[("--top_k", "2")]) <= 1
 
 

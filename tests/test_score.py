@@ -84,6 +84,10 @@ def test_candidates_and_responses_get_the_naive_reward_and_rank_sorts_them(model
     ("rank", PAIRS, [], "--data: rank needs records with a list of candidates (field 'candidates'"),
     ("score", [{"prompt": "hello", "candidates": []}], [], "c.jsonl:1: field 'candidates' must be a non-empty list"),
     ("score", [{"prompt": "hello", "candidates": [" world", "  "]}], [], "c.jsonl:1: field 'candidates[1]' is an empty string"),
+    ("score", [{"prompt": "hello", "candidates": [[{"role": "assistant", "content": "hi"}]]}], [],
+     "c.jsonl:1: field 'prompt' is text but field 'candidates[0]' is a list of messages"),
+    ("score", [{"prompt": [{"role": "user", "content": "hi"}], "response": "yes"}], [],
+     "c.jsonl:1: field 'prompt' is a list of messages but field 'response' is text"),
 ])
 def test_bad_input_is_one_line(models, tmp_path, capsys, command, records, flags, message):
     data = write_jsonl(tmp_path / "c.jsonl", records)

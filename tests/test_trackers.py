@@ -119,3 +119,23 @@ def test_mlflow_gets_every_metrics_line_and_a_start_it_refuses_is_one_line(tmp_p
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert logged == {r["step"]: pytest.approx(r["loss"]) for r in records if "loss" in r}
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [0, 2, 4]
+
+
+def test_trackers_started_before_one_that_fails_are_closed(monkeypatch, tmp_path):
+    from fastdpo import metrics
+    from fastdpo.errors import UserError
+
+    closed = []
+
+    class Started:
+        def __init__(self, *args):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(metrics, "TensorBoard", Started)
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    with pytest.raises(UserError, match="--report_to mlflow: mlflow is not installed"):
+        metrics.open_trackers("tensorboard,mlflow", str(tmp_path), {}, "r")
+    assert closed == [True]

@@ -51,6 +51,18 @@ def worth_it(segments: Sequence[Sequence[Segment]] | None) -> bool:
     return count > 0 and tokens >= MIN_SEGMENT * count
 
 
+def flex_available() -> bool:
+    """Whether this torch builds fastdpo's FlexAttention BlockMask (`BlockMask.from_kv_blocks` with
+    `seq_lengths`, torch >= 2.6)."""
+    import inspect
+
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError:
+        return False
+    return "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters
+
+
 def register() -> None:
     """Adds `NAME` to transformers' attention functions, with SDPA's mask builder (what a model builds from a 2-D
     padding mask or none). Idempotent; a new name, so no model's attention changes until it is set to it."""

@@ -144,11 +144,12 @@ def field_value(raw: dict, name: str, fields: Fields) -> str | Messages:
     return _response(raw, name, fields)
 
 
-def load_prompts(source, split: str = "train", fields: Fields | None = None, name: str = "data"
-                 ) -> list[tuple[str, str | Messages]]:
+def load_prompts(source, split: str = "train", fields: Fields | None = None, name: str = "data",
+                 on_bad_record: str = "error", limit: int = 0) -> list[tuple[str, str | Messages]]:
     """Each distinct prompt of `source` once, in order of first appearance, with where it was first seen: records
     that hold only a prompt (text or messages), or preference records (their prompt, stated or the responses'
-    shared beginning). A bad record is a one-line error."""
+    shared beginning). A bad record is a one-line error, or skipped with `on_bad_record="skip"`; `limit`: stop
+    once that many are found (0: all)."""
     fields = fields or Fields()
     raws = iter_raw(source, split, name)
     prompts: dict[str, tuple[str, str | Messages]] = {}
@@ -161,8 +162,12 @@ def load_prompts(source, split: str = "train", fields: Fields | None = None, nam
             else:
                 prompt = parse_record(raw, fields, where).prompt
         except BadRecord as e:
+            if on_bad_record == "skip":
+                continue
             raise UserError(f"{where}: {e}") from None
         prompts.setdefault(json.dumps(prompt, sort_keys=True), (where, prompt))
+        if limit and len(prompts) >= limit:
+            break
     if not prompts:
         raise UserError(f"{describe(source, name)}: no prompts found")
     return list(prompts.values())

@@ -12,6 +12,7 @@ cancels between responses to the same prompt.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -52,9 +53,28 @@ def stop_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(flat))
 
 
+@contextlib.contextmanager
+def neutral_defaults(model):
+    """`generate` fills what its config leaves unset from the model's generation_config (a checkpoint's
+    repetition_penalty, min_p, bad words ...; transformers 4 even its temperature and top_p): while sampling, the
+    model's is transformers' neutral one, so the samples are π's under fastdpo's options alone."""
+    from transformers import GenerationConfig
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's HF model
+    saved = getattr(target, "generation_config", None)
+    target.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
 @torch.no_grad()
-def sample(model, prompts: list[list[int]], cfg: Config, pad_token_id: int, stops: list[int], device) -> list[Sample]:
-    """`cfg.num_samples` samples for each prompt, `cfg.batch_size` prompts a `generate` call (left-padded)."""
+def sample(model, prompts: list[list[int]], cfg: Config, pad_token_id: int, stops: list[int], device,
+           batch_size: int | None = None) -> list[Sample]:
+    """`cfg.num_samples` samples for each prompt, `batch_size` (default `cfg.batch_size`) prompts a `generate`
+    call (left-padded)."""
+    batch_size = batch_size or cfg.batch_size
     from transformers import GenerationConfig
 
     greedy = cfg.temperature == 0
@@ -63,16 +83,17 @@ def sample(model, prompts: list[list[int]], cfg: Config, pad_token_id: int, stop
         top_k=None if greedy else cfg.top_k, max_new_tokens=cfg.max_new_tokens,
         num_return_sequences=cfg.num_samples, pad_token_id=pad_token_id, eos_token_id=stops)
     samples = []
-    for start_at in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[start_at : start_at + cfg.batch_size]
+    for start_at in range(0, len(prompts), batch_size):
+        chunk = prompts[start_at : start_at + batch_size]
         width = max(len(p) for p in chunk)
         input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)  # (B, T), left-padded
         attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, p in enumerate(chunk):
             input_ids[i, width - len(p):] = torch.tensor(p)
             attention_mask[i, width - len(p):] = 1
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             generation_config=generation)  # (B * N, T + new)
+        with neutral_defaults(model):
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 generation_config=generation)  # (B * N, T + new)
         for row, tokens in enumerate(out[:, width:].tolist()):
             b, k = divmod(row, cfg.num_samples)
             ends = [j for j, t in enumerate(tokens) if t in stops]
@@ -172,20 +193,19 @@ def score_samples(cfg: Config, samples: list[Sample], prompts: list, policy, ref
 
 
 def training_samples(policy, scorers: dict, layout, prompts: list[tuple[object, list[int]]], cfg: Config,
-                     tokenizer, runtime: Runtime, seed: int) -> tuple[list[dict], dict]:
+                     tokenizer, runtime: Runtime, seed: int, batch_size: int) -> tuple[list[dict], dict]:
     """The samples of an evaluation during training: `cfg.num_samples` for each prompt (object, ids), drawn with
     `seed` in a forked RNG (training's random state is left as it was), scored by `scorers` (name -> callable
-    batch -> (2B,) log-probs: the policy's forward and the run's reference). Returns the rows and their means
-    under `samples/...`."""
+    batch -> (2B,) log-probs: the policy's forward and the run's reference), `batch_size` prompts a `generate`
+    call and pairs a forward (evaluation's). Returns the rows and their means under `samples/...`."""
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         samples = sample(policy, [ids for _, ids in prompts], cfg, tokenizer.pad_token_id,
-                         stop_ids(policy, tokenizer), runtime.device)
+                         stop_ids(policy, tokenizer), runtime.device, batch_size)
     items = [(s.prompt_ids, s.response_ids) for s in samples]
     modules = {name: _Scorer(fn) for name, fn in scorers.items()}
-    logps = samples_logps(modules, layout, items, tokenizer.pad_token_id, cfg.eval_batch_size or cfg.batch_size,
-                          runtime)
+    logps = samples_logps(modules, layout, items, tokenizer.pad_token_id, batch_size, runtime)
     rows = []
     for i, s in enumerate(samples):
         row = {"prompt_index": s.prompt_index, "sample_index": s.sample_index, "prompt": prompts[s.prompt_index][0],

@@ -125,23 +125,29 @@ def tracker_dirs(report_to: str) -> list[str]:
     return [name for name in tracker_names(report_to) if name in ("tensorboard", "wandb")]
 
 
-def open_trackers(report_to: str, output_dir: str, config: dict, run_name: str) -> list:
-    """The trackers --report_to names, each imported only here (a missing package is one line naming it)."""
+def open_trackers(report_to: str, output_dir: str, config: dict, run_name: str, resume_step: int | None = None
+                  ) -> list:
+    """The trackers --report_to names, each imported only here; a missing package, or a tracker whose own set-up
+    refuses to start, is one line naming it (the trackers already started are closed first). `resume_step`: a
+    resumed run's checkpoint step (TensorBoard drops the killed run's points past it, as metrics.jsonl does)."""
     from fastdpo.errors import UserError
 
     trackers = []
-    for name in tracker_names(report_to):
-        try:
-            trackers.append({"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}[name](output_dir, config,
-                                                                                                 run_name))
-        except UserError:
-            raise
-        except Exception as e:  # the tracker's own set-up (its server, credentials, backend) refused to start
-            for started in trackers:
-                started.close()
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise UserError(f"--report_to {name}: the tracker could not start ({type(e).__name__}: {first})",
-                            exit_code=2) from None
+    try:
+        for name in tracker_names(report_to):
+            kind = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}[name]
+            try:
+                trackers.append(kind(output_dir, config, run_name, resume_step))
+            except UserError:
+                raise
+            except Exception as e:  # the tracker's own set-up (its server, credentials, backend) refused to start
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                raise UserError(f"--report_to {name}: the tracker could not start ({type(e).__name__}: {first})",
+                                exit_code=2) from None
+    except UserError:
+        for started in trackers:
+            started.close()
+        raise
     return trackers
 
 
@@ -160,11 +166,12 @@ def _require(module: str, tracker: str, package: str):
 class TensorBoard:
     """Event files in OUTPUT_DIR/tensorboard (`tensorboard --logdir OUTPUT_DIR/tensorboard`)."""
 
-    def __init__(self, output_dir: str, config: dict, run_name: str):
+    def __init__(self, output_dir: str, config: dict, run_name: str, resume_step: int | None = None):
         _require("tensorboard", "tensorboard", "tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
+        purge = None if resume_step is None else resume_step + 1  # a resumed run's points past its checkpoint go
+        self.writer = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"), purge_step=purge)
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()), 0)
 
     def log(self, scalars: dict, step: int) -> None:
@@ -187,7 +194,7 @@ class WandB:
     """A W&B run (project $WANDB_PROJECT, default fastdpo) with the resolved config; its files under OUTPUT_DIR
     (WANDB_MODE=offline writes them there only, for `wandb sync` later)."""
 
-    def __init__(self, output_dir: str, config: dict, run_name: str):
+    def __init__(self, output_dir: str, config: dict, run_name: str, resume_step: int | None = None):
         wandb = _require("wandb", "wandb", "wandb")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "fastdpo"), name=run_name, config=config,
                               dir=output_dir)
@@ -211,7 +218,7 @@ class MLflow:
     """An MLflow run (tracking URI and experiment from MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME) with the
     resolved config as its parameters."""
 
-    def __init__(self, output_dir: str, config: dict, run_name: str):
+    def __init__(self, output_dir: str, config: dict, run_name: str, resume_step: int | None = None):
         self.mlflow = _require("mlflow", "mlflow", "mlflow")
         self.mlflow.start_run(run_name=run_name)
         self.mlflow.log_params({k: str(v)[:500] for k, v in config.items()})

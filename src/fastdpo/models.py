@@ -206,6 +206,11 @@ def attention_implementation(cfg, device) -> str:
     """--attn_implementation, with `auto` resolved for `device`. On CUDA: flash-attention's varlen kernels where
     the layout needs no 4-D mask (packing without prefix sharing) and flash-attn is installed, else FlexAttention
     (which has a backward there); each for models that support it (`set_attention`). SDPA elsewhere."""
+    from fastdpo.attention import flex_available
+
+    if cfg.attn_implementation == "flex_attention" and not flex_available():
+        raise UserError(f"--attn_implementation flex_attention: needs torch >= 2.6 (this is torch {torch.__version__}); "
+                        "use sdpa", exit_code=2)
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
     if torch.device(device).type != "cuda":
@@ -214,11 +219,7 @@ def attention_implementation(cfg, device) -> str:
 
     if cfg.packing and not cfg.prefix_sharing and is_flash_attn_2_available():
         return "flash_attention_2"
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401  (torch >= 2.5)
-    except ImportError:
-        return "sdpa"
-    return "flex_attention"
+    return "flex_attention" if flex_available() else "sdpa"
 
 
 def set_attention(models, implementation: str, asked: bool) -> str:

@@ -85,14 +85,25 @@ def _scored(raw, fields: Fields, extra: ScoreFields, where: str, index: int) -> 
         if not isinstance(candidates, list) or not candidates:
             raise BadRecord(f"field {extra.candidates!r} must be a non-empty list of responses")
         prompt = field_value(raw, fields.prompt, fields)
-        for k, candidate in enumerate(candidates):  # each text or messages, not blank
-            field_value({f"{extra.candidates}[{k}]": candidate}, f"{extra.candidates}[{k}]", fields)
+        for k, candidate in enumerate(candidates):  # each text or messages, not blank, of the prompt's kind
+            name = f"{extra.candidates}[{k}]"
+            _same_kind(prompt, field_value({name: candidate}, name, fields), fields.prompt, name)
         return Scored("candidates", where, index, prompt, candidates, subset)
     if isinstance(raw, dict) and extra.response in raw:
-        return Scored("response", where, index, field_value(raw, fields.prompt, fields),
-                      [field_value(raw, extra.response, fields)], subset)
+        prompt = field_value(raw, fields.prompt, fields)
+        response = _same_kind(prompt, field_value(raw, extra.response, fields), fields.prompt, extra.response)
+        return Scored("response", where, index, prompt, [response], subset)
     record = parse_record(raw, fields, where)
     return Scored("pair", where, index, record.prompt, [record.chosen, record.rejected], subset)
+
+
+def _same_kind(prompt, response, prompt_name: str, response_name: str):
+    """`response`, if it is text beside a text prompt or messages beside messages (else BadRecord)."""
+    if isinstance(prompt, str) != isinstance(response, str):
+        kinds = lambda v: "text" if isinstance(v, str) else "a list of messages"  # noqa: E731
+        raise BadRecord(f"field {prompt_name!r} is {kinds(prompt)} but field {response_name!r} is "
+                        f"{kinds(response)}; both must be text or both messages")
+    return response
 
 
 def tokenized_pairs(items: list[Scored], tokenizer, cfg: Config) -> tuple[list[TokenizedPair], list[tuple]]:

@@ -91,17 +91,17 @@ def fit(run: Run) -> TrainResult:
         rt.log(f"fastdpo: --resume: {cfg.output_dir} is finished ({state.step} of {state.total_steps} steps); nothing to "
                "do (a larger --max_steps or --epochs trains it further)")
         return TrainResult(cfg.output_dir, state.step, state.eval_before, None, None, model=finished_model(run))
-    sinks = open_outputs(run)
-    if state.step == 0:
-        state.eval_before = evaluate_now(run, 0, sinks)
-    if state.eval_before:
-        rt.log(eval_line("eval before training", state.eval_before))
-    bar = ProgressBar(state.total_steps, initial=state.step, enabled=cfg.progress, quiet=not rt.main)
-    window, last, orders = LogWindow(), None, {}
-    lengths = pairs.num_tokens().tolist() if cfg.group_by_length else None
-    stop = StopOnSignal().install()  # SIGTERM / first Ctrl-C: finish the step, checkpoint, exit 0
-    run.module.train()
+    sinks, stop = open_outputs(run), None
     try:
+        if state.step == 0:
+            state.eval_before = evaluate_now(run, 0, sinks)  # a Ctrl-C here interrupts (exit 130)
+        if state.eval_before:
+            rt.log(eval_line("eval before training", state.eval_before))
+        stop = StopOnSignal().install()  # SIGTERM / first Ctrl-C: finish the step, checkpoint, exit 0
+        bar = ProgressBar(state.total_steps, initial=state.step, enabled=cfg.progress, quiet=not rt.main)
+        window, last, orders = LogWindow(), None, {}
+        lengths = pairs.num_tokens().tolist() if cfg.group_by_length else None
+        run.module.train()
         for step in range(state.step, state.total_steps):
             epoch, index = divmod(step, state.steps_per_epoch)
             if epoch not in orders:  # the data order is a function of (seed, epoch): resume needs only the step
@@ -148,7 +148,8 @@ def fit(run: Run) -> TrainResult:
         bar.close()
         eval_after = evaluate_now(run, state.total_steps, sinks)
     finally:
-        stop.uninstall()
+        if stop is not None:
+            stop.uninstall()
         sinks.close()
     state_dict = rt.full_state_dict(run.module)  # every process takes part in gathering sharded weights
     trained = finished_model(run)
@@ -221,15 +222,15 @@ def setup(cfg: Config, inputs: Inputs | None = None) -> Run:
     body = policy.get_base_model() if is_lora(policy) else policy  # the Hugging Face model, LoRA layers injected
     asked = cfg.attn_implementation != "auto"
     # where only the main process holds the weights, in CPU memory, the layout check runs there with SDPA: a
-    # kernel compiled for the device is not compiled for the CPU copy (and there the check covers the layouts)
-    if not (runtime.weights_on_main and attention == "flex_attention"):
+    # kernel compiled (flex) or built (flash-attention) for the device does not run on the CPU copy
+    if not (runtime.weights_on_main and attention in ("flex_attention", "flash_attention_2")):
         attention = set_attention([body, weights.model], attention, asked)
     live = [weights.model] if weights.kind == "model" and cfg.reference != "precomputed" else []
     check = lambda: choose_layout(cfg, [body, *live], [pairs, *([eval_pairs] if eval_pairs else [])],  # noqa: E731
                                   tokenizer.pad_token_id, next(body.parameters()).device, runtime.log)
     layout = runtime.on_main(check) if runtime.weights_on_main else check()  # where the weights are
     attention = set_attention([body, weights.model], attention, asked)
-    set_per_segment([body, weights.model], layout.per_segment)
+    set_per_segment([body, *live], layout.per_segment)  # the models the check covered
     runtime.log(f"fastdpo: attention: {attention}")
     runtime.log(f"fastdpo: layout: {layout.describe()}")
     module = LogpsModule(body, layout)
@@ -304,7 +305,7 @@ def eval_sample_prompts(cfg: Config, inputs: Inputs, tokenizer, runtime: Runtime
     from fastdpo.tokenize import encode_prompt
 
     found = load_prompts(source, cfg.eval_data_split, Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field),
-                         name="eval_data")[: cfg.eval_samples]
+                         name="eval_data", on_bad_record=cfg.on_bad_record, limit=cfg.eval_samples)
     return [(prompt, encode_prompt(prompt, tokenizer, where, cfg.max_prompt_length)[0]) for where, prompt in found]
 
 
@@ -517,7 +518,8 @@ def log_samples(run: Run, step: int, sinks) -> None:
         if not isinstance(run.eval_reference, NoReference):
             scorers["reference"] = lambda batch: run.eval_reference.logps(batch, ())
         rows, means = training_samples(run.policy, scorers, run.layout, run.sample_prompts, run.cfg, run.tokenizer,
-                                       rt, seed=run.cfg.seed + step)
+                                       rt, seed=run.cfg.seed + step,
+                                       batch_size=run.cfg.eval_batch_size or run.micro_batch_size)
         sinks.write({"step": step, **means})
         sinks.samples(step, rows)
     rt.accelerator.wait_for_everyone()
@@ -544,7 +546,7 @@ def open_outputs(run: Run) -> Sinks:
                                failure=lambda e, name=name: write_error(name, out, e))
              for name in ("metrics.jsonl", *(["samples.jsonl"] if cfg.eval_samples else []))}
     return Sinks(files["metrics.jsonl"], open_trackers(cfg.report_to, out, dataclasses.asdict(cfg), os.path.basename(
-        os.path.abspath(out))), files.get("samples.jsonl"))
+        os.path.abspath(out)), resumed), files.get("samples.jsonl"))
 
 
 def eval_line(when: str, metrics: dict) -> str:
